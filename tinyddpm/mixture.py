@@ -1,0 +1,120 @@
+"""The Gaussian-mixture oracle: data whose optimal denoiser is known exactly (book chapter 4).
+
+If x_0 ~ Σ_k w_k N(μ_k, diag σ_k²) then, under q(x_t | x_0) = N(√ᾱ_t x_0, (1-ᾱ_t) I),
+x_t ~ Σ_k w_k N(√ᾱ_t μ_k, diag(ᾱ_t σ_k² + 1 - ᾱ_t)), eq. (eq-marginal-mixture), and the optimal
+ε-predictor is E[ε | x_t] = -√(1-ᾱ_t) ∇ log q_t(x_t) (Tweedie), eq. (eq-optimal-eps).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from .broadcast import extract
+from .checks import check_timesteps
+from .schedule import NoiseSchedule
+
+F64 = torch.float64
+
+
+class GaussianMixture:
+    """Σ_k w_k N(μ_k, diag σ_k²) in D dimensions; ``stds`` per component (K,) or per axis (K, D)."""
+
+    def __init__(self, means, stds, weights=None):
+        means = torch.as_tensor(means, dtype=F64)
+        if means.ndim == 1:
+            means = means[:, None]                     # K one-dimensional components
+        if means.ndim != 2 or means.shape[0] < 1:
+            raise ValueError(f"means must have shape (K, D) (or (K,) for 1-D); got {tuple(means.shape)}")
+        K, D = means.shape
+        stds = torch.as_tensor(stds, dtype=F64)
+        if stds.ndim == 0:
+            stds = stds.expand(K)
+        if stds.shape == (K,):
+            stds = stds[:, None].expand(K, D)
+        if stds.shape != (K, D):
+            raise ValueError(f"stds must have shape (K,) = ({K},) or (K, D) = ({K}, {D}); got {tuple(stds.shape)}")
+        if not (stds > 0).all() or not torch.isfinite(stds).all():
+            raise ValueError("every std must be a finite number > 0")
+        weights = torch.full((K,), 1.0 / K, dtype=F64) if weights is None else torch.as_tensor(weights, dtype=F64)
+        if weights.shape != (K,):
+            raise ValueError(f"weights must have shape (K,) = ({K},); got {tuple(weights.shape)}")
+        if (weights < 0).any():
+            raise ValueError(f"weights must be >= 0; got {weights.tolist()}")
+        if abs(float(weights.sum()) - 1.0) > 1e-6:
+            raise ValueError(f"weights must sum to 1; they sum to {float(weights.sum()):.6g}")
+        self.means, self.stds, self.weights = means, stds.contiguous(), weights
+        self.K, self.D = K, D
+
+    def __repr__(self) -> str:
+        return f"GaussianMixture(K={self.K}, D={self.D})"
+
+    def _check_x(self, x: Tensor) -> None:
+        if not isinstance(x, Tensor) or x.ndim != 2 or x.shape[1] != self.D:
+            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(f"x must have shape (N, D) = (N, {self.D}); got {shape}")
+
+    def sample(self, n: int, generator: torch.Generator | None = None, return_labels: bool = False):
+        """n draws as float32 (n, D); with ``return_labels`` also the component of each."""
+        k = torch.multinomial(self.weights, n, replacement=True, generator=generator)
+        z = torch.randn(n, self.D, generator=generator, dtype=F64)
+        x = (self.means[k] + self.stds[k] * z).float()
+        return (x, k) if return_labels else x
+
+    def component_log_probs(self, x: Tensor) -> Tensor:
+        """log w_k + log N(x; μ_k, diag σ_k²) for every k: shape (N, K), float64."""
+        self._check_x(x)
+        x = x.to(F64)[:, None, :]                       # (N, 1, D)
+        var = self.stds**2                              # (K, D)
+        quad = ((x - self.means) ** 2 / var).sum(-1)   # (N, K)
+        log_det = torch.log(var).sum(-1)                # (K,)
+        return torch.log(self.weights) - 0.5 * (quad + log_det + self.D * math.log(2 * math.pi))
+
+    def log_prob(self, x: Tensor) -> Tensor:
+        """log p(x) under the mixture, shape (N,), float64."""
+        return torch.logsumexp(self.component_log_probs(x), dim=-1)
+
+    def responsibilities(self, x: Tensor) -> Tensor:
+        """p(k | x), shape (N, K); ``argmax`` assigns each point to a component."""
+        return torch.softmax(self.component_log_probs(x), dim=-1)
+
+    def score(self, x: Tensor) -> Tensor:
+        """∇_x log p(x) in closed form, shape (N, D), float64."""
+        r = self.responsibilities(x)                                          # (N, K)
+        per_k = -(x.to(F64)[:, None, :] - self.means) / self.stds**2          # (N, K, D)
+        return (r[..., None] * per_k).sum(1)
+
+    def marginal(self, t: int, schedule: NoiseSchedule) -> GaussianMixture:
+        """q_t = the law of x_t when x_0 follows this mixture, eq. (eq-marginal-mixture)."""
+        t = int(check_timesteps(t, schedule.T))
+        ab = float(schedule.alpha_bars[t])
+        return GaussianMixture(math.sqrt(ab) * self.means, (ab * self.stds**2 + 1 - ab).sqrt(), self.weights)
+
+    def optimal_eps(self, xt: Tensor, t: int | Tensor, schedule: NoiseSchedule) -> Tensor:
+        """E[ε | x_t] = √(1-ᾱ_t) Σ_k p(k | x_t) (x_t - √ᾱ_t μ_k) / (ᾱ_t σ_k² + 1 - ᾱ_t), eq. (eq-optimal-eps).
+
+        ``t`` is an int or a (N,) LongTensor in [1, T]; the result has x_t's dtype. This is the
+        MSE-optimal ε-network for this data, so a sampler driven by it is tested with no
+        training error in the way.
+        """
+        self._check_x(xt)
+        t = check_timesteps(t, schedule.T, low=1)
+        if t.ndim == 1 and t.shape[0] != xt.shape[0]:
+            raise ValueError(f"t has shape {tuple(t.shape)} but x_t has {xt.shape[0]} rows")
+        if t.ndim == 0:
+            t = t.expand(xt.shape[0])
+        x = xt.to(F64)
+        ab = extract(schedule.alpha_bars, t, x)[..., None]         # ᾱ_t per row, (N, 1, 1)
+        mu = ab.sqrt() * self.means                                 # (N, K, D)
+        var = ab * self.stds**2 + (1 - ab)                          # (N, K, D)
+        diff = x[:, None, :] - mu                                   # (N, K, D)
+        logp = torch.log(self.weights) - 0.5 * ((diff**2 / var).sum(-1) + torch.log(var).sum(-1))
+        r = torch.softmax(logp, dim=-1)                             # p(k | x_t), (N, K)
+        eps = (1 - ab[:, 0]).sqrt() * (r[..., None] * diff / var).sum(1)
+        return eps.to(xt.dtype)
+
+    def as_model(self, schedule: NoiseSchedule):
+        """A callable ``model(x_t, t)`` returning the exact E[ε | x_t]: plug it into any sampler."""
+        return lambda xt, t: self.optimal_eps(xt, t, schedule)

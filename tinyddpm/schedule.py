@@ -1,0 +1,243 @@
+"""Noise schedules and the Gaussian math of the forward process (book chapters 2-4).
+
+Paper indexing throughout: every per-step array has length T+1, ``betas[0] == 0`` (unused) and
+``alpha_bars[0] == 1``, so ᾱ_t is ``s.alpha_bars[t]`` for t = 1..T. Arrays are float64 and
+computed once; :func:`tinyddpm.broadcast.extract` casts them where they are used.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from .broadcast import extract
+from .checks import check_batch, check_choice, check_int, check_same_shape, check_timesteps
+
+Prediction = Literal["eps", "x0", "v"]
+PREDICTIONS: tuple[str, ...] = ("eps", "x0", "v")
+F64 = torch.float64
+
+
+def _as_f64(values: Tensor | list[float], name: str) -> Tensor:
+    if isinstance(values, Tensor):
+        v = values.detach().to(device="cpu", dtype=F64)
+    else:
+        v = torch.as_tensor(values, dtype=F64)
+    if v.ndim != 1 or v.numel() < 1:
+        raise ValueError(f"{name} must be a non-empty 1-D sequence; got shape {tuple(v.shape)}")
+    if not torch.isfinite(v).all():
+        raise ValueError(f"{name} must be finite")
+    return v
+
+
+class NoiseSchedule:
+    """A variance schedule β_1..β_T and everything derived from it.
+
+    Build one with a named constructor (``linear``, ``cosine``, ``scaled_linear``, ``sigmoid``,
+    ``from_betas``, ``from_alpha_bars``); ``zero_terminal_snr()`` rescales any of them so that
+    ᾱ_T = 0 (Lin et al. 2023). All derived arrays are float64 tensors of length T+1.
+    """
+
+    def __init__(self, betas: Tensor, *, name: str = "custom", _allow_terminal_one: bool = False):
+        betas = _as_f64(betas, "betas")
+        if betas.numel() < 2 or betas[0] != 0:
+            raise ValueError(
+                "NoiseSchedule(betas) expects the paper-indexed array [0, β_1, ..., β_T] of length "
+                "T+1 >= 2; use NoiseSchedule.from_betas([β_1, ..., β_T]) for the T values alone"
+            )
+        b = betas[1:]
+        upper_ok = (b < 1) | (_allow_terminal_one & (torch.arange(b.numel()) == b.numel() - 1) & (b == 1))
+        if not ((b > 0) & upper_ok).all():
+            bad = int(torch.nonzero(~((b > 0) & upper_ok))[0]) + 1
+            raise ValueError(f"every β_t must lie in (0, 1); β_{bad} = {float(betas[bad])!r}")
+        self.name = name
+        self.T: int = b.numel()
+        self.betas: Tensor = betas                                     # β_t, eq. (eq-forward-step)
+        self.alphas: Tensor = 1.0 - betas                              # α_t = 1 - β_t
+        self.alpha_bars: Tensor = torch.cumprod(self.alphas, 0)        # ᾱ_t = Π_{s<=t} α_s
+        if _allow_terminal_one:
+            self.alpha_bars[-1] = 0.0                                  # exact zero, no round-off
+        ab, ab_prev = self.alpha_bars, torch.cat([self.alpha_bars[:1], self.alpha_bars[:-1]])
+        self.alpha_bars_prev: Tensor = ab_prev                         # ᾱ_{t-1} (ᾱ_{-1} := 1 unused)
+        self.sqrt_alpha_bars: Tensor = ab.sqrt()
+        self.sqrt_one_minus_alpha_bars: Tensor = (1.0 - ab).sqrt()
+        with torch.no_grad():
+            one_minus = 1.0 - ab
+            safe = torch.where(one_minus > 0, one_minus, torch.ones_like(one_minus))
+            # β̃_t = (1 - ᾱ_{t-1}) / (1 - ᾱ_t) β_t,   eq. (eq-posterior-var); β̃_0 := 0
+            self.posterior_variance: Tensor = torch.where(
+                one_minus > 0, (1.0 - ab_prev) / safe * betas, torch.zeros_like(ab)
+            )
+            # μ̃_t = c_0 x_0 + c_t x_t,   eq. (eq-posterior-mean)
+            self.posterior_coef_x0: Tensor = torch.where(
+                one_minus > 0, ab_prev.sqrt() * betas / safe, torch.ones_like(ab)
+            )
+            self.posterior_coef_xt: Tensor = torch.where(
+                one_minus > 0, self.alphas.sqrt() * (1.0 - ab_prev) / safe, torch.zeros_like(ab)
+            )
+
+    # ---------------------------------------------------------------- constructors
+    @classmethod
+    def from_betas(cls, betas: Tensor | list[float], name: str = "custom") -> NoiseSchedule:
+        """From the T values β_1..β_T (no leading zero); each must lie in (0, 1)."""
+        b = _as_f64(betas, "betas")
+        return cls(torch.cat([torch.zeros(1, dtype=F64), b]), name=name)
+
+    @classmethod
+    def from_alpha_bars(cls, alpha_bars: Tensor | list[float], name: str = "custom") -> NoiseSchedule:
+        """From ᾱ_1..ᾱ_T, which must be strictly decreasing in (0, 1); β_t = 1 - ᾱ_t / ᾱ_{t-1}."""
+        ab = _as_f64(alpha_bars, "alpha_bars")
+        if not ((ab > 0) & (ab < 1)).all():
+            raise ValueError("every ᾱ_t must lie in (0, 1) for t >= 1")
+        full = torch.cat([torch.ones(1, dtype=F64), ab])
+        if not (full[1:] < full[:-1]).all():
+            i = int(torch.nonzero(~(full[1:] < full[:-1]))[0]) + 1
+            raise ValueError(f"ᾱ_t must be strictly decreasing; ᾱ_{i} = {float(full[i])} >= ᾱ_{i-1} = {float(full[i-1])}")
+        return cls.from_betas(1.0 - full[1:] / full[:-1], name=name)
+
+    @classmethod
+    def linear(cls, T: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> NoiseSchedule:
+        """β_t linear from ``beta_start`` to ``beta_end`` (Ho et al. 2020), eq. (eq-schedule-linear)."""
+        T = check_int("T", T, low=1)
+        return cls.from_betas(torch.linspace(beta_start, beta_end, T, dtype=F64), name="linear")
+
+    @classmethod
+    def scaled_linear(cls, T: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012) -> NoiseSchedule:
+        """√β_t linear, then squared (Stable Diffusion's default), eq. (eq-schedule-scaled-linear)."""
+        T = check_int("T", T, low=1)
+        root = torch.linspace(math.sqrt(beta_start), math.sqrt(beta_end), T, dtype=F64)
+        return cls.from_betas(root**2, name="scaled_linear")
+
+    @classmethod
+    def sigmoid(cls, T: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> NoiseSchedule:
+        """β_t = β_start + (β_end - β_start)·σ(u_t), u_t linear on [-6, 6] (GeoDiff, Xu et al. 2022)."""
+        T = check_int("T", T, low=1)
+        u = torch.linspace(-6.0, 6.0, T, dtype=F64)
+        return cls.from_betas(beta_start + (beta_end - beta_start) * torch.sigmoid(u), name="sigmoid")
+
+    @classmethod
+    def cosine(cls, T: int = 1000, s: float = 0.008, max_beta: float = 0.999) -> NoiseSchedule:
+        """ᾱ_t = f(t)/f(0), f(t) = cos²(π/2 · (t/T + s)/(1 + s)); β_t clipped at ``max_beta``.
+
+        Nichol & Dhariwal 2021, eq. 17; eq. (eq-schedule-cosine) in the book. The clip changes ᾱ_t
+        only at the last few steps of a large T (β_T would otherwise be 1).
+        """
+        T = check_int("T", T, low=1)
+        t = torch.arange(T + 1, dtype=F64)
+        f = torch.cos((t / T + s) / (1 + s) * math.pi / 2) ** 2
+        ab = f / f[0]
+        betas = (1.0 - ab[1:] / ab[:-1]).clamp(max=max_beta)
+        return cls.from_betas(betas, name="cosine")
+
+    def zero_terminal_snr(self) -> NoiseSchedule:
+        """Rescale √ᾱ_t so that ᾱ_T = 0 and ᾱ_1 is unchanged (Lin et al. 2023, Algorithm 1).
+
+        Then β_T = 1: the last step destroys the signal completely, as sampling from pure noise
+        assumes. With ᾱ_T = 0 an ε-prediction cannot recover x_0 at t = T; train with v-prediction.
+        """
+        r = self.sqrt_alpha_bars[1:].clone()
+        first, last = r[0].clone(), r[-1].clone()
+        r = (r - last) * first / (first - last)
+        ab = torch.cat([torch.ones(1, dtype=F64), r**2])
+        betas = 1.0 - ab[1:] / ab[:-1]
+        return NoiseSchedule(torch.cat([torch.zeros(1, dtype=F64), betas]), name=f"{self.name}+zero_snr", _allow_terminal_one=True)
+
+    # ---------------------------------------------------------------- derived
+    @property
+    def snr(self) -> Tensor:
+        """SNR(t) = ᾱ_t / (1 - ᾱ_t), eq. (eq-snr); SNR(0) = inf."""
+        return self.alpha_bars / (1.0 - self.alpha_bars)
+
+    @property
+    def log_snr(self) -> Tensor:
+        """log SNR(t) = log ᾱ_t - log(1 - ᾱ_t)."""
+        return torch.log(self.alpha_bars) - torch.log1p(-self.alpha_bars)
+
+    def __repr__(self) -> str:
+        return f"NoiseSchedule({self.name}, T={self.T}, ᾱ_T={float(self.alpha_bars[-1]):.3g})"
+
+    def __len__(self) -> int:
+        return self.T + 1
+
+    def to_config(self) -> dict:
+        """A JSON-able description; ``from_config`` rebuilds the identical schedule."""
+        return {"name": self.name, "betas": self.betas[1:].tolist()}
+
+    @classmethod
+    def from_config(cls, cfg: dict) -> NoiseSchedule:
+        betas = torch.as_tensor(cfg["betas"], dtype=F64)
+        full = torch.cat([torch.zeros(1, dtype=F64), betas])
+        return cls(full, name=cfg.get("name", "custom"), _allow_terminal_one=bool(betas[-1] == 1))
+
+    # ---------------------------------------------------------------- Gaussian math
+    def _t(self, t: int | Tensor, x: Tensor, low: int = 0) -> Tensor:
+        t = check_timesteps(t, self.T, low=low)
+        check_batch(t, x)
+        return t
+
+    def q_sample(self, x0: Tensor, t: int | Tensor, noise: Tensor) -> Tensor:
+        """x_t = √ᾱ_t x_0 + √(1-ᾱ_t) ε, a draw from q(x_t | x_0), eq. (eq-forward-closed)."""
+        check_same_shape(x0=x0, noise=noise)
+        t = self._t(t, x0)
+        return extract(self.sqrt_alpha_bars, t, x0) * x0 + extract(self.sqrt_one_minus_alpha_bars, t, x0) * noise
+
+    def q_posterior(self, x0: Tensor, xt: Tensor, t: int | Tensor) -> tuple[Tensor, Tensor]:
+        """Mean and variance of q(x_{t-1} | x_t, x_0), eqs. (eq-posterior-mean), (eq-posterior-var).
+
+        Returns ``(mean, var)``: mean has x's shape, var broadcasts against it. Needs t in [1, T].
+        """
+        check_same_shape(x0=x0, xt=xt)
+        t = self._t(t, xt, low=1)
+        mean = extract(self.posterior_coef_x0, t, xt) * x0 + extract(self.posterior_coef_xt, t, xt) * xt
+        return mean, extract(self.posterior_variance, t, xt)
+
+    def x0_from_eps(self, xt: Tensor, t: int | Tensor, eps: Tensor) -> Tensor:
+        """x̂_0 = (x_t - √(1-ᾱ_t) ε) / √ᾱ_t, eq. (eq-x0-from-eps). Undefined where ᾱ_t = 0."""
+        check_same_shape(xt=xt, eps=eps)
+        t = self._t(t, xt)
+        return (xt - extract(self.sqrt_one_minus_alpha_bars, t, xt) * eps) / extract(self.sqrt_alpha_bars, t, xt)
+
+    def eps_from_x0(self, xt: Tensor, t: int | Tensor, x0: Tensor) -> Tensor:
+        """ε = (x_t - √ᾱ_t x_0) / √(1-ᾱ_t), eq. (eq-x0-from-eps) solved for ε; needs t >= 1."""
+        check_same_shape(xt=xt, x0=x0)
+        t = self._t(t, xt, low=1)
+        return (xt - extract(self.sqrt_alpha_bars, t, xt) * x0) / extract(self.sqrt_one_minus_alpha_bars, t, xt)
+
+    def v_from_x0_eps(self, x0: Tensor, t: int | Tensor, eps: Tensor) -> Tensor:
+        """v = √ᾱ_t ε - √(1-ᾱ_t) x_0 (Salimans & Ho 2022), eq. (eq-v)."""
+        check_same_shape(x0=x0, eps=eps)
+        t = self._t(t, x0)
+        return extract(self.sqrt_alpha_bars, t, x0) * eps - extract(self.sqrt_one_minus_alpha_bars, t, x0) * x0
+
+    def x0_from_v(self, xt: Tensor, t: int | Tensor, v: Tensor) -> Tensor:
+        """x_0 = √ᾱ_t x_t - √(1-ᾱ_t) v, eq. (eq-v)."""
+        check_same_shape(xt=xt, v=v)
+        t = self._t(t, xt)
+        return extract(self.sqrt_alpha_bars, t, xt) * xt - extract(self.sqrt_one_minus_alpha_bars, t, xt) * v
+
+    def eps_from_v(self, xt: Tensor, t: int | Tensor, v: Tensor) -> Tensor:
+        """ε = √(1-ᾱ_t) x_t + √ᾱ_t v, eq. (eq-v)."""
+        check_same_shape(xt=xt, v=v)
+        t = self._t(t, xt)
+        return extract(self.sqrt_one_minus_alpha_bars, t, xt) * xt + extract(self.sqrt_alpha_bars, t, xt) * v
+
+    def predict_x0_eps(self, xt: Tensor, t: int | Tensor, out: Tensor, prediction: Prediction = "eps") -> tuple[Tensor, Tensor]:
+        """Turn a model output of kind ``prediction`` ('eps', 'x0' or 'v') into the pair (x̂_0, ε̂)."""
+        check_choice("prediction", prediction, PREDICTIONS)
+        if prediction == "eps":
+            return self.x0_from_eps(xt, t, out), out
+        if prediction == "x0":
+            return out, self.eps_from_x0(xt, t, out)
+        return self.x0_from_v(xt, t, out), self.eps_from_v(xt, t, out)
+
+    def target(self, x0: Tensor, t: int | Tensor, eps: Tensor, prediction: Prediction = "eps") -> Tensor:
+        """The regression target for a network of kind ``prediction`` (ε, x_0 or v)."""
+        check_choice("prediction", prediction, PREDICTIONS)
+        if prediction == "eps":
+            return eps
+        if prediction == "x0":
+            return x0
+        return self.v_from_x0_eps(x0, t, eps)
