@@ -32,3 +32,66 @@ __all__ = [
     "extract",
     "sliced_wasserstein",
 ]
+
+# --- Each block below is owned by one part of the package; add exports to your block only. ---
+# [models]
+from .losses import diffusion_loss, diffusion_loss_at, min_snr_weight, sample_timesteps  # noqa: E402
+from .mlp import MLPDenoiser  # noqa: E402
+from .models import MODEL_KINDS, PRESETS, build_model, count_parameters, model_kind, preset  # noqa: E402
+from .nn import timestep_embedding  # noqa: E402
+from .unet import UNet  # noqa: E402
+
+__all__ += [
+    "MLPDenoiser", "MODEL_KINDS", "PRESETS", "UNet", "build_model", "count_parameters", "diffusion_loss",
+    "diffusion_loss_at", "min_snr_weight", "model_kind", "preset", "sample_timesteps", "timestep_embedding",
+]
+# [/models]
+# [data]
+from .cache import cache_dir  # noqa: E402
+from .data import DATASETS, Dataset, load_dataset, toy_mixture  # noqa: E402
+from .images import load_image, make_grid, save_grid, to_uint8  # noqa: E402
+from .metrics import (  # noqa: E402
+    DigitsClassifier,
+    digits_classifier,
+    digits_metrics,
+    format_metrics,
+    frechet_distance,
+    toy_metrics,
+)
+
+__all__ += [
+    "DATASETS", "Dataset", "DigitsClassifier", "cache_dir", "digits_classifier", "digits_metrics", "format_metrics",
+    "frechet_distance", "load_dataset", "load_image", "make_grid", "save_grid", "to_uint8", "toy_metrics",
+    "toy_mixture",
+]
+# [/data]
+# [training]
+from .checkpoint import Checkpoint, load_checkpoint  # noqa: E402
+from .config import DiffusionConfig, TrainConfig  # noqa: E402
+from .ema import EMA  # noqa: E402
+from .pretrained import RECIPES, load_or_train  # noqa: E402
+from .train import Trainer, TrainingDiverged  # noqa: E402
+
+__all__ += [
+    "Checkpoint", "DiffusionConfig", "EMA", "RECIPES", "TrainConfig", "Trainer", "TrainingDiverged", "load_checkpoint",
+    "load_or_train",
+]
+# [/training]
+# [solvers]
+from .guidance import ClassMixture, cfg_combine, guided_model  # noqa: E402
+from .solvers import (  # noqa: E402
+    SAMPLERS,
+    count_nfe,
+    dpmpp_2m_sample,
+    euler_ancestral_sample,
+    plms_sample,
+    sample,
+)
+
+__all__ += [
+    "SAMPLERS", "ClassMixture", "cfg_combine", "count_nfe", "dpmpp_2m_sample", "euler_ancestral_sample",
+    "guided_model", "plms_sample", "sample",
+]
+# [/solvers]
+# [latent]
+# [/latent]

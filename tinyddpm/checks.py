@@ -6,6 +6,7 @@ what was expected, so a user never meets an opaque indexing error deep inside a 
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Iterable
 from typing import Any
 
@@ -23,7 +24,7 @@ def check_choice(name: str, value: Any, valid: Iterable[str]) -> str:
 
 def check_int(name: str, value: Any, *, low: int | None = None, high: int | None = None) -> int:
     """Return ``value`` as an int if it is an integer in [low, high]."""
-    if isinstance(value, bool) or not isinstance(value, (int, torch.SymInt)) and not (
+    if isinstance(value, bool) or not isinstance(value, (numbers.Integral, torch.SymInt)) and not (
         isinstance(value, Tensor) and value.ndim == 0 and not value.is_floating_point()
     ):
         raise TypeError(f"{name} must be an integer; got {type(value).__name__} {value!r}")

@@ -14,8 +14,8 @@ import torch
 from torch import Tensor
 
 from .broadcast import extract
-from .checks import check_choice, check_int, check_nonneg_float, check_same_shape, check_timesteps
-from .schedule import NoiseSchedule, Prediction
+from .checks import check_batch, check_choice, check_int, check_nonneg_float, check_same_shape, check_timesteps
+from .schedule import PREDICTIONS, NoiseSchedule, Prediction
 
 Model = Callable[[Tensor, Tensor], Tensor]
 Variance = Literal["beta_tilde", "beta"]
@@ -90,6 +90,10 @@ def ddim_step_x0_eps(
     check_same_shape(xt=xt, x0=x0, eps=eps)
     t = check_timesteps(t, s.T, low=1)
     t_prev = check_timesteps(t_prev, s.T, low=0, name="t_prev")
+    check_batch(t, xt)
+    check_batch(t_prev, xt, name="t_prev")
+    if t.ndim != t_prev.ndim:                                               # one scalar, one (B,)
+        t, t_prev = torch.broadcast_tensors(t, t_prev)
     if (t_prev >= t).any():
         raise ValueError(f"t_prev must be smaller than t; got t={t.tolist()}, t_prev={t_prev.tolist()}")
     sigma = ddim_sigma(s, t, t_prev, eta)                                   # float64, per sample
@@ -142,7 +146,7 @@ def _prepare(model: Model, shape: tuple[int, ...], generator: torch.Generator | 
     if not callable(model):
         raise TypeError("model must be a callable model(x_t, t) -> prediction")
     if not isinstance(shape, (tuple, list, torch.Size)) or len(shape) < 1 or not all(
-        isinstance(d, int) and d > 0 for d in shape
+        isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape
     ):
         raise ValueError(f"shape must be a tuple of positive ints like (B, C, H, W) or (B, D); got {shape!r}")
     if device is None:
@@ -154,6 +158,8 @@ def _prepare(model: Model, shape: tuple[int, ...], generator: torch.Generator | 
 def _predict(model: Model, s: NoiseSchedule, x: Tensor, t: int, prediction: Prediction, clip_x0):
     tt = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
     out = model(x, tt)
+    if not isinstance(out, Tensor):
+        raise TypeError(f"model must return a torch.Tensor shaped like x_t; got {type(out).__name__}")
     if out.shape != x.shape:
         raise ValueError(f"model returned shape {tuple(out.shape)} for input {tuple(x.shape)}; expected the same shape")
     x0, eps = s.predict_x0_eps(x, tt, out.to(x.dtype), prediction)
@@ -174,6 +180,7 @@ def ddpm_sample(
     With ``return_trajectory`` also returns [x_T, x_{T-1}, ..., x_0] (on CPU).
     """
     check_choice("variance", variance, VARIANCES)
+    check_choice("prediction", prediction, PREDICTIONS)
     x, _ = _prepare(model, shape, generator, device)
     traj = [x.cpu()] if return_trajectory else None
     for t in range(s.T, 0, -1):
@@ -197,6 +204,7 @@ def ddim_sample(
     ``x_T`` starts from a given latent (deterministic decoding when η = 0) instead of fresh noise.
     """
     eta = check_nonneg_float("eta", eta)
+    check_choice("prediction", prediction, PREDICTIONS)
     ts = ddim_timesteps(s.T, steps, spacing)
     x, _ = _prepare(model, shape, generator, device)
     if x_T is not None:
@@ -221,6 +229,11 @@ def ddim_invert(
 
     ``ddim_sample(..., x_T=ddim_invert(...), eta=0)`` decodes back to x_0 up to discretisation error.
     """
+    check_choice("prediction", prediction, PREDICTIONS)
+    if not callable(model):
+        raise TypeError("model must be a callable model(x_t, t) -> prediction")
+    if not isinstance(x0, Tensor) or x0.ndim < 1:
+        raise TypeError("x0 must be a torch.Tensor of shape (B, ...)")
     ts = ddim_timesteps(s.T, steps, spacing)[::-1]
     x = x0
     for t_prev, t in zip([0] + ts[:-1], ts):

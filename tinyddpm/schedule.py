@@ -168,7 +168,10 @@ class NoiseSchedule:
 
     @classmethod
     def from_config(cls, cfg: dict) -> NoiseSchedule:
-        betas = torch.as_tensor(cfg["betas"], dtype=F64)
+        """Rebuild a schedule from ``to_config()``'s dict ``{"name": ..., "betas": [β_1, ..., β_T]}``."""
+        if not isinstance(cfg, dict) or "betas" not in cfg:
+            raise ValueError("from_config expects a dict with key 'betas' (as written by to_config)")
+        betas = _as_f64(cfg["betas"], "betas")
         full = torch.cat([torch.zeros(1, dtype=F64), betas])
         return cls(full, name=cfg.get("name", "custom"), _allow_terminal_one=bool(betas[-1] == 1))
 

@@ -1,0 +1,253 @@
+"""The ``tinyddpm`` command: train, sample and evaluate from a shell (a thin layer over the package).
+
+    tinyddpm train  --data digits --out runs/digits [--steps 4000 --batch-size 128 --resume ...]
+    tinyddpm sample --ckpt runs/digits --sampler ddim --steps 50 --n 64 --out grid.png   (or .npy)
+    tinyddpm eval   --ckpt runs/digits --n 1000
+
+Multi-GPU: ``torchrun --nproc_per_node 4 -m tinyddpm.cli train ...``. A bad argument prints one
+line to stderr and exits with status 2; a diverged run exits with status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import NoReturn
+
+import numpy as np
+import torch
+
+from .checkpoint import Checkpoint, list_checkpoints, load_checkpoint, resolve_checkpoint, sampler_kwargs
+from .config import DEVICES, PREDICTIONS, SCHEDULES, DiffusionConfig, TrainConfig
+from .train import TrainingDiverged
+
+
+class UsageError(Exception):
+    """A bad command-line argument: reported as one line, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:  # one line, no usage dump
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+DEFAULT_PRESETS = {"digits": "digits-tiny", "moons": "toy-mlp", "swiss_roll": "toy-mlp", "mixture": "toy-mlp",
+                   "mnist": "mnist", "fashion_mnist": "mnist", "cifar10": "cifar10-small", "folder": "cifar10-small"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .data import DATASETS
+    from .models import PRESETS
+    from .solvers import SAMPLERS
+
+    p = _Parser(prog="tinyddpm", description="Train, sample and evaluate small diffusion models.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    t = sub.add_parser("train", help="train a model (resumable; torchrun for several GPUs)")
+    t.add_argument("--data", required=True, choices=DATASETS, metavar="NAME", help=f"one of {', '.join(DATASETS)}")
+    t.add_argument("--data-path", help="folder with the dataset's files (mnist, cifar10, folder)")
+    t.add_argument("--out", required=True, help="run directory: checkpoints, log.jsonl, samples/")
+    t.add_argument("--preset", choices=list(PRESETS), metavar="NAME",
+                   help=f"model preset (default by dataset): {', '.join(PRESETS)}")
+    t.add_argument("--conditional", action="store_true", help="class-conditional model (needs labels)")
+    t.add_argument("--schedule", choices=SCHEDULES, help="noise schedule (default linear)")
+    t.add_argument("--T", type=int, help="diffusion steps (default 1000)")
+    t.add_argument("--prediction", choices=PREDICTIONS, help="what the network predicts (default eps)")
+    t.add_argument("--steps", type=int, help="total optimiser steps (default 2000)")
+    t.add_argument("--batch-size", type=int, help="global batch size (default 64)")
+    t.add_argument("--lr", type=float, help="peak learning rate (default 1e-3)")
+    t.add_argument("--seed", type=int, help="seed of the whole run (default 0)")
+    t.add_argument("--device", choices=DEVICES, help="auto (default: CUDA if present), cpu or cuda")
+    t.add_argument("--ckpt-every", type=int, help="checkpoint every N steps (0: only at the end)")
+    t.add_argument("--sample-every", type=int, help="sample grid every N steps (0: never)")
+    t.add_argument("--compile", action="store_true", help="torch.compile the model")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+
+    s = sub.add_parser("sample", help="draw samples from a checkpoint into a .png grid or a .npy array")
+    _sampling_args(s, SAMPLERS, default_n=64)
+    s.add_argument("--out", required=True, help=".png (a grid) or .npy (raw samples in [-1, 1], shape (N, ...))")
+    s.add_argument("--label", type=int, help="class to draw (conditional models; default: unconditional)")
+    s.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance weight w (default 1)")
+
+    e = sub.add_parser("eval", help="sample and print quality metrics beside their real-vs-real floors")
+    _sampling_args(e, SAMPLERS, default_n=1000)
+    return p
+
+
+def _sampling_args(p: argparse.ArgumentParser, samplers, default_n: int) -> None:
+    p.add_argument("--ckpt", required=True, help="run directory (uses its latest checkpoint) or a step_XXXXXX dir")
+    p.add_argument("--sampler", default="ddim", choices=list(samplers), metavar="NAME",
+                   help=f"one of {', '.join(samplers)} (default ddim)")
+    p.add_argument("--steps", type=int, help="sampling steps (default 50; ddpm always uses all T)")
+    p.add_argument("--eta", type=float, help="DDIM/ancestral noise η >= 0")
+    p.add_argument("--n", type=int, default=default_n, help=f"number of samples (default {default_n})")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=500, help="samples per chunk: bounds memory (default 500)")
+    p.add_argument("--device", choices=DEVICES, default="auto")
+    p.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA weights")
+
+
+# ----------------------------------------------------------------------------- commands
+def _train(a: argparse.Namespace) -> int:
+    from .data import load_dataset
+    from .models import build_model, preset
+    from .train import Trainer
+
+    out = Path(a.out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} exists and is not a directory")
+    _check_writable(out)
+    has_run = bool(list_checkpoints(out))
+    if has_run and not a.resume:
+        raise UsageError(f"--out {out} already holds a run; pass --resume to continue it or choose another --out")
+    given = {k: v for k, v in dict(steps=a.steps, batch_size=a.batch_size, lr=a.lr, seed=a.seed, device=a.device,
+                                   ckpt_every=a.ckpt_every, sample_every=a.sample_every).items() if v is not None}
+    if a.compile:
+        given["compile"] = True
+    if a.no_progress:
+        given["progress"] = False
+    diffusion_args = {k: v for k, v in dict(schedule=a.schedule, T=a.T, prediction=a.prediction).items()
+                      if v is not None}
+    data = load_dataset(a.data, a.data_path)
+    if has_run:
+        trainer = Trainer.resume(out, data, **given)  # differing settings are reported by name
+        saved = trainer.diffusion.to_dict() if trainer.diffusion is not None else {}
+        clash = [f"--{k} {v} (the run has {saved.get(k)})" for k, v in diffusion_args.items() if saved.get(k) != v]
+        if a.preset or a.conditional or clash:
+            raise UsageError("--resume continues the run as it was built; drop "
+                             + ", ".join(clash + ["--preset"] * bool(a.preset) + ["--conditional"] * a.conditional))
+    else:
+        if a.conditional and data.labels is None:
+            raise UsageError(f"--conditional needs labels, and dataset {a.data!r} has none")
+        kind, cfg = preset(a.preset or DEFAULT_PRESETS[a.data])
+        if kind == "unet":
+            cfg.update(in_channels=data.shape[0], image_size=data.shape[-1])
+        else:
+            cfg.update(dim=data.shape[0])
+        if a.conditional:
+            cfg["num_classes"] = data.num_classes
+        diffusion = DiffusionConfig(**diffusion_args)
+        config = TrainConfig(**given)
+        torch.manual_seed(config.seed)  # the model's initial weights
+        trainer = Trainer(build_model(kind, cfg), diffusion.build(), data, config, out, diffusion)
+    main_rank = trainer.dist.is_main
+    if main_rank:
+        print(f"training {trainer.config.steps - trainer.step} steps on {trainer.device} "
+              f"(from step {trainer.step}) -> {out}", file=sys.stderr)
+    history = trainer.train()
+    if main_rank and history:
+        print(f"done: step {trainer.step}, last loss {history[-1]['loss']:.4f}; checkpoint {resolve_checkpoint(out)}")
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    return 0
+
+
+def _check_writable(path: Path) -> None:
+    parent = path if path.is_dir() else path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise UsageError(f"cannot write {path}: {parent} is not a writable directory")
+
+
+def _load(a: argparse.Namespace) -> Checkpoint:
+    device = "cuda" if a.device == "auto" and torch.cuda.is_available() else ("cpu" if a.device == "auto" else a.device)
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda but no CUDA GPU is available")
+    if not Path(a.ckpt).exists():
+        raise UsageError(f"--ckpt {a.ckpt} does not exist")
+    ckpt = load_checkpoint(a.ckpt, ema=not a.raw, device=device)
+    sampler_kwargs(a.sampler, ckpt.schedule.T, a.steps, a.eta)  # validate before any work
+    if a.n < 1 or a.batch_size < 1:
+        raise UsageError(f"--n and --batch-size must be >= 1; got {a.n} and {a.batch_size}")
+    return ckpt
+
+
+def _sample(a: argparse.Namespace) -> int:
+    out = Path(a.out)
+    if out.suffix not in (".png", ".npy"):
+        raise UsageError(f"--out must end in .png or .npy; got {out.name!r}")
+    if out.is_dir():
+        raise UsageError(f"--out {out} is a directory; give a file name ending in .png or .npy")
+    _check_writable(out)
+    ckpt = _load(a)
+    chunks = ckpt.sample_chunks(a.n, sampler=a.sampler, steps=a.steps, eta=a.eta, seed=a.seed,
+                                batch_size=a.batch_size, y=a.label, guidance=a.guidance)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.suffix == ".npy":  # written chunk by chunk into a memory-mapped file: memory ~ one chunk
+        arr = np.lib.format.open_memmap(out, mode="w+", dtype=np.float32, shape=(a.n, *ckpt.sample_shape))
+        i = 0
+        for x in chunks:
+            arr[i:i + len(x)] = x.numpy()
+            i += len(x)
+        arr.flush()
+        del arr
+    else:
+        x = torch.cat(list(chunks))
+        if x.ndim == 4:
+            from .images import save_grid
+
+            save_grid(x, out)
+        else:
+            _scatter(x, out)
+    print(f"wrote {a.n} samples ({a.sampler}) to {out}")
+    return 0
+
+
+def _scatter(x: torch.Tensor, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4, 4))
+    ax.scatter(x[:, 0], x[:, 1], s=2)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _eval(a: argparse.Namespace) -> int:
+    from . import metrics
+    from .data import load_dataset
+
+    ckpt = _load(a)
+    name = ckpt.data.get("name")
+    labels = None
+    if ckpt.num_classes is not None:  # ask for every class equally, then score the requested class
+        labels = torch.arange(a.n) % ckpt.num_classes
+    x = torch.cat(list(ckpt.sample_chunks(a.n, sampler=a.sampler, steps=a.steps, eta=a.eta, seed=a.seed,
+                                          batch_size=a.batch_size, y=labels)))
+    if name == "digits":
+        result = metrics.digits_metrics(x, labels)
+    elif x.ndim == 2 and name in ("mixture", "moons", "swiss_roll"):
+        result = metrics.toy_metrics(x, load_dataset(name, split="test", n=max(a.n, 2000)).x)
+    else:
+        raise UsageError(f"eval knows digits and the 2-D toy sets; this checkpoint was trained on {name!r}")
+    print(f"{ckpt.path} ({a.sampler}, steps={a.steps or 50}, n={a.n}, seed={a.seed})")
+    print(metrics.format_metrics(result))
+    return 0
+
+
+COMMANDS = {"train": _train, "sample": _sample, "eval": _eval}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``tinyddpm`` console script; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except (UsageError, ValueError, TypeError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
+        if os.environ.get("TINYDDPM_DEBUG"):
+            raise
+        print(f"tinyddpm {args.command}: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    except TrainingDiverged as e:
+        print(f"tinyddpm {args.command}: {' '.join(str(e).split())}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,235 @@
+"""The UNet denoiser ε_θ(x_t, t, y) of DDPM (Ho et al. 2020, App. B), small and configurable.
+
+Layout (one "level" per entry of ``channel_mults``; level i works at ``image_size / 2**i`` with
+``base_channels * channel_mults[i]`` channels):
+
+    x ─ conv_in ─ [ResBlock (+Attention)] × num_res_blocks ─ Downsample ─ ... ─┐  (every output kept)
+                                                                   Res, Attn, Res (middle)
+    out ─ conv_out ─ [ResBlock(concat skip) (+Attention)] × (num_res_blocks+1) ─ Upsample ─ ... ─┘
+
+Every ResBlock reads the embedding e = SiLU(temb(t) + cond(y, context)) — as a scale and shift of
+its normalised features (``time_injection="scale_shift"``, Dhariwal & Nichol 2021) or added to them
+(``"add"``, the original DDPM). Without t the network cannot know how much noise to remove.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .checks import check_choice, check_int
+from .nn import ConditionEmbedding, TimeEmbedding, check_t
+
+TimeInjection = Literal["scale_shift", "add"]
+TIME_INJECTIONS: tuple[str, ...] = ("scale_shift", "add")
+
+
+class ResBlock(nn.Module):
+    """h = conv(SiLU(GN(x))); h = GN(h)·(1 + s) + b with (s, b) = Linear(e); out = skip(x) + conv(drop(SiLU(h)))."""
+
+    def __init__(self, in_ch: int, out_ch: int, emb_dim: int, groups: int, dropout: float, time_injection: str):
+        super().__init__()
+        self.scale_shift = time_injection == "scale_shift"
+        self.norm1 = nn.GroupNorm(groups, in_ch)
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.emb_proj = nn.Linear(emb_dim, 2 * out_ch if self.scale_shift else out_ch)
+        self.norm2 = nn.GroupNorm(groups, out_ch)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
+        self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
+
+    def forward(self, x: Tensor, emb: Tensor) -> Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))                            # (B, out, H, W)
+        e = self.emb_proj(emb)[:, :, None, None]                         # (B, 2·out or out, 1, 1)
+        if self.scale_shift:
+            scale, shift = e.chunk(2, dim=1)
+            h = torch.addcmul(shift, self.norm2(h), scale + 1)           # GN(h)·(1 + s) + b
+        else:
+            h = self.norm2(h + e)
+        return self.skip(x) + self.conv2(self.dropout(F.silu(h)))
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention over the H·W positions, with a residual: x + W_o softmax(QKᵀ/√d) V."""
+
+    def __init__(self, ch: int, num_heads: int, groups: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.norm = nn.GroupNorm(groups, ch)
+        self.qkv = nn.Linear(ch, 3 * ch)
+        self.proj = nn.Linear(ch, ch)
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, C, H, W = x.shape
+        h = self.norm(x).flatten(2).transpose(1, 2)                              # (B, HW, C)
+        qkv = self.qkv(h).view(B, H * W, 3, self.num_heads, C // self.num_heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)                                     # each (B, nh, HW, hd)
+        o = F.scaled_dot_product_attention(q, k, v)                              # (B, nh, HW, hd)
+        o = self.proj(o.transpose(1, 2).reshape(B, H * W, C))                    # (B, HW, C)
+        return x + o.transpose(1, 2).reshape(B, C, H, W)
+
+
+class Downsample(nn.Module):
+    """Halve H and W with a stride-2 3×3 convolution."""
+
+    def __init__(self, ch: int):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    """Double H and W: nearest-neighbour repeat, then a 3×3 convolution."""
+
+    def __init__(self, ch: int):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class Level(nn.Module):
+    """One resolution of the encoder or decoder: ResBlocks, each optionally followed by attention."""
+
+    def __init__(self, res: list[ResBlock], attn: list[nn.Module], resample: nn.Module | None):
+        super().__init__()
+        self.res = nn.ModuleList(res)
+        self.attn = nn.ModuleList(attn)
+        self.resample = resample
+
+
+def _check_sizes(image_size: int, levels: int) -> None:
+    factor = 2 ** (levels - 1)
+    if image_size % factor:
+        fit = next(k for k in range(levels, 0, -1) if image_size % 2 ** (k - 1) == 0)
+        examples = ", ".join(str(factor * m) for m in (1, 2, 3, 4))
+        raise ValueError(
+            f"image_size={image_size} does not fit {levels} levels: channel_mults has {levels} entries, so the "
+            f"UNet downsamples {levels - 1} times and needs a multiple of {factor} (e.g. {examples}); "
+            f"{image_size} works with at most {fit} level(s)"
+        )
+
+
+class UNet(nn.Module):
+    """DDPM's UNet: ``model(x_t, t, y=None, context=None) -> (B, out_channels, H, W)``.
+
+    ``attention_levels`` are level indices (level i is at ``image_size / 2**i``); the middle always
+    has attention. ``num_classes`` adds class labels with the null label ``num_classes`` (also what
+    ``y=None`` means); ``context_dim`` adds a context vector (all zeros = unconditional). The
+    constructor's arguments are kept in ``self.config`` (JSON-able): ``UNet(**m.config)`` rebuilds it.
+    """
+
+    def __init__(
+        self, in_channels: int = 1, out_channels: int | None = None, image_size: int = 8, base_channels: int = 32,
+        channel_mults: tuple[int, ...] = (1, 2), num_res_blocks: int = 1, attention_levels: tuple[int, ...] = (1,),
+        num_heads: int = 1, dropout: float = 0.0, num_classes: int | None = None, context_dim: int | None = None,
+        groups: int = 8, time_injection: TimeInjection = "scale_shift",
+    ):
+        super().__init__()
+        in_channels = check_int("in_channels", in_channels, low=1)
+        out_channels = in_channels if out_channels is None else check_int("out_channels", out_channels, low=1)
+        image_size = check_int("image_size", image_size, low=1)
+        base_channels = check_int("base_channels", base_channels, low=1)
+        num_res_blocks = check_int("num_res_blocks", num_res_blocks, low=1)
+        num_heads = check_int("num_heads", num_heads, low=1)
+        groups = check_int("groups", groups, low=1)
+        check_choice("time_injection", time_injection, TIME_INJECTIONS)
+        if not isinstance(channel_mults, (tuple, list)) or not channel_mults:
+            raise ValueError(f"channel_mults must be a non-empty sequence of ints like (1, 2, 2); got {channel_mults!r}")
+        mults = [check_int("channel_mults[i]", m, low=1) for m in channel_mults]
+        L = len(mults)
+        attn_levels = sorted({check_int("attention_levels[i]", a) for a in attention_levels})
+        if any(a < 0 or a >= L for a in attn_levels):
+            raise ValueError(f"attention_levels must be level indices in 0..{L - 1}; got {list(attention_levels)}")
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+            raise ValueError(f"dropout must be a number in [0, 1); got {dropout!r}")
+        chans = [base_channels * m for m in mults]
+        for c in {base_channels, *chans}:
+            if c % groups:
+                raise ValueError(f"every channel count must be divisible by groups={groups}; {c} is not")
+        for c in {chans[a] for a in attn_levels} | {chans[-1]}:
+            if c % num_heads:
+                raise ValueError(f"num_heads={num_heads} must divide the channels of every attention layer; {c} is not")
+        _check_sizes(image_size, L)
+        self.config = dict(
+            in_channels=in_channels, out_channels=out_channels, image_size=image_size, base_channels=base_channels,
+            channel_mults=mults, num_res_blocks=num_res_blocks, attention_levels=attn_levels, num_heads=num_heads,
+            dropout=float(dropout), num_classes=num_classes, context_dim=context_dim, groups=groups,
+            time_injection=time_injection,
+        )
+        self.levels = L
+        emb_dim = 4 * base_channels
+        self.time_emb = TimeEmbedding(base_channels, emb_dim)
+        self.cond_emb = ConditionEmbedding(emb_dim, num_classes, context_dim)
+        block = lambda i, o: ResBlock(i, o, emb_dim, groups, dropout, time_injection)  # noqa: E731
+        attn = lambda c, on: Attention(c, num_heads, groups) if on else nn.Identity()  # noqa: E731
+
+        self.conv_in = nn.Conv2d(in_channels, base_channels, 3, padding=1)
+        skips, ch = [base_channels], base_channels
+        self.down = nn.ModuleList()
+        for i, c in enumerate(chans):
+            res, att = [], []
+            for _ in range(num_res_blocks):
+                res.append(block(ch, c))
+                att.append(attn(c, i in attn_levels))
+                ch = c
+                skips.append(ch)
+            down = Downsample(ch) if i < L - 1 else None
+            if down is not None:
+                skips.append(ch)
+            self.down.append(Level(res, att, down))
+        self.mid = Level([block(ch, ch), block(ch, ch)], [Attention(ch, num_heads, groups), nn.Identity()], None)
+        self.up = nn.ModuleList()
+        for i, c in reversed(list(enumerate(chans))):
+            res, att = [], []
+            for _ in range(num_res_blocks + 1):
+                res.append(block(ch + skips.pop(), c))
+                att.append(attn(c, i in attn_levels))
+                ch = c
+            self.up.append(Level(res, att, Upsample(ch) if i > 0 else None))
+        self.norm_out = nn.GroupNorm(groups, ch)
+        self.conv_out = nn.Conv2d(ch, out_channels, 3, padding=1)
+
+    @property
+    def null_label(self) -> int | None:
+        """The label index meaning "no label" (= num_classes), or None for an unconditional model."""
+        return self.cond_emb.null_label
+
+    def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None, context: Tensor | None = None) -> Tensor:
+        cfg = self.config
+        if not isinstance(x, Tensor) or x.ndim != 4 or x.shape[1] != cfg["in_channels"]:
+            got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(f"x must have shape (B, {cfg['in_channels']}, H, W); got {got}")
+        factor = 2 ** (self.levels - 1)
+        if x.shape[2] % factor or x.shape[3] % factor:
+            raise ValueError(f"H and W must be multiples of {factor} for {self.levels} levels; got {tuple(x.shape[2:])}")
+        t = check_t(t, x)
+        emb = self.time_emb(t)                                              # (B, 4·base)
+        cond = self.cond_emb(x.shape[0], x.device, y, context)
+        if cond is not None:
+            emb = emb + cond
+        emb = F.silu(emb)
+
+        h = self.conv_in(x)
+        hs = [h]
+        for level in self.down:
+            for res, attn in zip(level.res, level.attn):
+                h = attn(res(h, emb))
+                hs.append(h)
+            if level.resample is not None:
+                h = level.resample(h)
+                hs.append(h)
+        for res, attn in zip(self.mid.res, self.mid.attn):
+            h = attn(res(h, emb))
+        for level in self.up:
+            for res, attn in zip(level.res, level.attn):
+                h = attn(res(torch.cat([h, hs.pop()], dim=1), emb))
+            if level.resample is not None:
+                h = level.resample(h)
+        return self.conv_out(F.silu(self.norm_out(h)))
