@@ -83,7 +83,7 @@ def test_digits_split_is_a_fixed_stratified_partition():
     assert np.abs(np.bincount(test.labels.numpy(), minlength=10) - per_class * 297 / 1797).max() < 1
     # a partition: train + test is the full set exactly once (as (pixels, label) rows)
     def rows(x, y):
-        return Counter(zip(map(bytes, x.reshape(len(x), -1).astype(np.int8)), y.tolist()))
+        return Counter(zip(map(bytes, x.reshape(len(x), -1).astype(np.int8)), y.tolist(), strict=True))
     to_pixels = lambda d: ((d.x + 1) * 8).round().numpy()
     assert rows(to_pixels(train), train.labels) + rows(to_pixels(test), test.labels) == rows(full.images, full.target)
     # deterministic, and independent of the user's seed
@@ -219,7 +219,8 @@ def write_cifar(folder, n=4, protocol=2, bytes_keys=True, seed=0):
     for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
         data = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
         labels = rng.integers(0, 10, n).tolist()
-        d = {"batch_label": "training batch", "data": data, "labels": labels, "filenames": [f"{i}.png" for i in range(n)]}
+        names = [f"{i}.png" for i in range(n)]
+        d = {"batch_label": "training batch", "data": data, "labels": labels, "filenames": names}
         if bytes_keys:                    # what the real (Python 2) pickles hold
             d = {k.encode(): v for k, v in d.items()}
         (folder / name).write_bytes(pickle.dumps(d, protocol=protocol))
@@ -239,6 +240,30 @@ def test_cifar_loader(tmp_path, protocol, bytes_keys, sub):
     assert torch.equal(train.x, torch.from_numpy(data.reshape(20, 3, 32, 32).astype(np.float32) / 127.5 - 1))
     assert train.labels.tolist() == sum((written[f"data_batch_{i}"][1] for i in range(1, 6)), [])
     assert test.labels.tolist() == written["test_batch"][1]
+
+
+def py2_pickle(data: np.ndarray, labels: list[int]) -> bytes:
+    """A batch pickled the way Python 2 / numpy 1 wrote the real CIFAR files: str (not bytes) opcodes,
+    ``numpy.core.multiarray._reconstruct``, written opcode by opcode."""
+    n = data.shape[0]
+    array = (b"cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\nK\x00\x85U\x01b\x87R("
+             b"K\x01M" + struct.pack("<H", n) + b"M" + struct.pack("<H", 3072) + b"\x86"
+             b"cnumpy\ndtype\nU\x02u1K\x00K\x01\x87R(K\x03U\x01|NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00tb"
+             b"\x89T" + struct.pack("<I", data.size) + data.tobytes() + b"tb")
+    label_list = b"](" + b"".join(b"K" + bytes([v]) for v in labels) + b"e"
+    return b"\x80\x02}(U\x04data" + array + b"U\x06labels" + label_list + b"u."
+
+
+def test_cifar_python2_pickles(tmp_path):
+    rng = np.random.default_rng(1)
+    data = {name: rng.integers(0, 256, (3, 3072), dtype=np.uint8) for name in
+            [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]}
+    for name, d in data.items():
+        (tmp_path / name).write_bytes(py2_pickle(d, [1, 2, 9]))
+    test = load_dataset("cifar10", tmp_path, split="test")
+    expected = data["test_batch"].reshape(3, 3, 32, 32).astype(np.float32) / 127.5 - 1
+    assert torch.equal(test.x, torch.from_numpy(expected))
+    assert test.labels.tolist() == [1, 2, 9] and len(load_dataset("cifar10", tmp_path)) == 15
 
 
 class _Payload:

@@ -12,8 +12,6 @@ import numpy as np
 import pytest
 import torch
 
-import tinyddpm as td
-
 F64 = torch.float64
 pytestmark = pytest.mark.usefixtures("single_thread")
 TS = [1, 10, 250, 500, 1000]

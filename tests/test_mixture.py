@@ -19,7 +19,7 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 def _scipy_log_prob(gm: td.GaussianMixture, x: np.ndarray, means, stds, weights) -> np.ndarray:
     dens = sum(
         w * multivariate_normal(mean=np.atleast_1d(m), cov=np.diag(np.atleast_1d(s) ** 2)).pdf(x)
-        for m, s, w in zip(means, stds, weights)
+        for m, s, w in zip(means, stds, weights, strict=True)
     )
     return np.log(dens)
 
@@ -46,7 +46,9 @@ def test_log_prob_matches_scipy(case):
     ref = _scipy_log_prob(gm, x if gm.D > 1 else x[:, 0], m, s, weights)
     np.testing.assert_allclose(gm.log_prob(torch.as_tensor(x)).numpy(), ref, rtol=1e-10)
     # responsibilities are the normalised per-component densities
-    comp = np.stack([w * multivariate_normal(mi, np.diag(si**2)).pdf(x) for mi, si, w in zip(m, s, weights)], 1)
+    comp = np.stack(
+        [w * multivariate_normal(mi, np.diag(si**2)).pdf(x) for mi, si, w in zip(m, s, weights, strict=True)], 1
+    )
     np.testing.assert_allclose(gm.responsibilities(torch.as_tensor(x)).numpy(), comp / comp.sum(1, keepdims=True),
                                rtol=1e-9, atol=1e-300)
 
@@ -123,7 +125,8 @@ def test_marginal_matches_independent_density(linear):
     x = torch.randn(40, 2, generator=torch.Generator().manual_seed(3), dtype=F64)
     for t in (0, 1, 300, 1000):
         ab = float(linear.alpha_bars[t])
-        torch.testing.assert_close(gm.marginal(t, linear).log_prob(x), _marginal_log_density(means, stds, weights, ab)(x))
+        expected = _marginal_log_density(means, stds, weights, ab)(x)
+        torch.testing.assert_close(gm.marginal(t, linear).log_prob(x), expected)
 
 
 def test_optimal_eps_equals_monte_carlo_conditional_mean(linear):

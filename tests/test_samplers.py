@@ -46,7 +46,8 @@ def test_ddpm_step_batched_t(linear):
     xt, eps, z = torch.randn(3, 2), torch.randn(3, 2), torch.randn(3, 2)
     got = td.ddpm_step(linear, xt, t, eps, z)
     for i in range(3):
-        torch.testing.assert_close(got[i : i + 1], td.ddpm_step(linear, xt[i : i + 1], int(t[i]), eps[i : i + 1], z[i : i + 1]))
+        row = td.ddpm_step(linear, xt[i : i + 1], int(t[i]), eps[i : i + 1], z[i : i + 1])
+        torch.testing.assert_close(got[i : i + 1], row)
     assert torch.equal(got[0], td.ddpm_step(linear, xt[:1], 1, eps[:1], None)[0])   # no noise at t = 1
 
 
@@ -61,7 +62,8 @@ def test_ddim_step_is_song_et_al_eq12(schedule, t, t_prev, eta):
     expected = math.sqrt(ab[t_prev]) * x0 + math.sqrt(1 - ab[t_prev] - sigma**2) * eps + sigma * z
     got = td.ddim_step(schedule, xt, t, t_prev, eps, eta=eta, noise=z)
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-9)
-    assert float(td.ddim_sigma(schedule, torch.tensor(t), torch.tensor(t_prev), eta)) == pytest.approx(sigma, rel=1e-10, abs=1e-15)
+    got_sigma = float(td.ddim_sigma(schedule, torch.tensor(t), torch.tensor(t_prev), eta))
+    assert got_sigma == pytest.approx(sigma, rel=1e-10, abs=1e-15)
     if eta == 0:   # deterministic: the noise is ignored
         assert torch.equal(got, td.ddim_step(schedule, xt, t, t_prev, eps, eta=0.0, noise=None))
 
@@ -71,7 +73,8 @@ def test_ddim_eta1_one_step_is_ddpm(schedule, t):
     """η = 1 and t_prev = t-1: σ² = β̃_t and the whole step equals DDPM's with the same z."""
     b, ab = schedule.betas.numpy(), _ab(schedule)
     beta_tilde = (1 - ab[t - 1]) / (1 - ab[t]) * b[t]
-    assert float(td.ddim_sigma(schedule, torch.tensor(t), torch.tensor(t - 1), 1.0)) ** 2 == pytest.approx(beta_tilde, rel=1e-10)
+    sigma = float(td.ddim_sigma(schedule, torch.tensor(t), torch.tensor(t - 1), 1.0))
+    assert sigma**2 == pytest.approx(beta_tilde, rel=1e-10)
     g = torch.Generator().manual_seed(t)
     xt, eps, z = (torch.randn(7, 2, generator=g, dtype=F64) for _ in range(3))
     torch.testing.assert_close(
@@ -147,7 +150,7 @@ def test_ddim_timesteps_every_step_count(spacing, T):
         ts = td.ddim_timesteps(T, n, spacing)
         assert ts == _expected_timesteps(T, n, spacing), (T, n)
         assert len(ts) == n and len(set(ts)) == n
-        assert all(a > b for a, b in zip(ts, ts[1:])) and 1 <= ts[-1] and ts[0] <= T
+        assert all(a > b for a, b in zip(ts, ts[1:], strict=False)) and 1 <= ts[-1] and ts[0] <= T
         if spacing == "trailing":
             assert ts[0] == T
         if spacing == "linspace" and n > 1:
@@ -180,7 +183,7 @@ def test_ddim_sample_steps_to_the_next_selected_timestep(gm2, linear, spacing, s
     ts = _expected_timesteps(1000, steps, spacing)
     assert rec.calls == ts and len(traj) == steps + 1 and torch.equal(traj[-1], x)
     ref = xT
-    for i, (t, t_next) in enumerate(zip(ts, ts[1:] + [0])):
+    for i, (t, t_next) in enumerate(zip(ts, ts[1:] + [0], strict=True)):
         ref = td.ddim_step(linear, ref, t, t_next, gm2.optimal_eps(ref, t, linear))
         torch.testing.assert_close(traj[i + 1], ref, rtol=1e-5, atol=1e-5)
 
@@ -228,8 +231,10 @@ def oracle_refs(gm1, gm2):
     for name, gm in (("gm1", gm1), ("gm2", gm2)):
         g = torch.Generator().manual_seed(1234)
         big = gm.sample(100_000, generator=g)
-        null = torch.tensor([td.energy_distance(gm.sample(N, generator=g), gm.sample(N, generator=g)) for _ in range(8)])
-        out[name] = dict(gm=gm, fresh=gm.sample(N, generator=g), big=_assign(gm, big), floor=float(null.pow(2).mean().sqrt()))
+        null = torch.tensor([td.energy_distance(gm.sample(N, generator=g), gm.sample(N, generator=g))
+                             for _ in range(8)])
+        out[name] = dict(gm=gm, fresh=gm.sample(N, generator=g), big=_assign(gm, big),
+                         floor=float(null.pow(2).mean().sqrt()))
     return out
 
 

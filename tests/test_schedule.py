@@ -73,7 +73,9 @@ def _cosine_reference(T: int, s: float, max_beta: float):
     return ab_unclipped, [min(b, max_beta) for b in raw], clipped
 
 
-@pytest.mark.parametrize("T,s_,max_beta", [(1000, 0.008, 0.999), (50, 0.008, 0.999), (1000, 0.008, 0.02), (3, 0.1, 0.999)])
+@pytest.mark.parametrize(
+    "T,s_,max_beta", [(1000, 0.008, 0.999), (50, 0.008, 0.999), (1000, 0.008, 0.02), (3, 0.1, 0.999)]
+)
 def test_cosine_nichol_dhariwal_eq17(T, s_, max_beta, np_alpha_bars):
     sch = td.NoiseSchedule.cosine(T, s=s_, max_beta=max_beta)
     ab_ref, betas_ref, clipped = _cosine_reference(T, s_, max_beta)

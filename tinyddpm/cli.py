@@ -236,7 +236,10 @@ COMMANDS = {"train": _train, "sample": _sample, "eval": _eval}
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``tinyddpm`` console script; returns the exit status."""
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help (0) or a usage error (2), already printed
+        return int(e.code or 0)
     try:
         return COMMANDS[args.command](args)
     except (UsageError, ValueError, TypeError, FileNotFoundError, NotADirectoryError, PermissionError) as e:

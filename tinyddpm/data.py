@@ -262,7 +262,7 @@ def _load_cifar_batch(file: Path) -> tuple[np.ndarray, np.ndarray]:
         d = _ArrayUnpickler(io.BytesIO(file.read_bytes()), file.name).load()
     except pickle.UnpicklingError as e:
         if "refused" in str(e):
-            raise ValueError(str(e)) from None
+            raise ValueError(str(e) if str(e).startswith(file.name) else f"{file.name}: {e}") from None
         raise ValueError(f"{file.name}: corrupt or truncated pickle (expected {expected}): {e}") from None
     except (EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError, struct.error) as e:
         raise ValueError(f"{file.name}: corrupt or truncated pickle (expected {expected}): {e!r}") from None

@@ -36,7 +36,9 @@ def energy_distance(x: Tensor, y: Tensor) -> float:
     return float(2 * xy - xx - yy)
 
 
-def sliced_wasserstein(x: Tensor, y: Tensor, n_projections: int = 256, generator: torch.Generator | None = None) -> float:
+def sliced_wasserstein(
+    x: Tensor, y: Tensor, n_projections: int = 256, generator: torch.Generator | None = None
+) -> float:
     """Sliced 2-Wasserstein distance: W_2 of 1-D projections on random directions, averaged (RMS).
 
     x and y must have the same number of samples (sorted projections are matched one to one).

@@ -69,7 +69,8 @@ def diffusion_loss_at(
     if not isinstance(out, Tensor) or out.shape != x0.shape:
         got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
         raise ValueError(f"model returned {got} for x_t of shape {tuple(x0.shape)}; expected the same shape")
-    per_sample = (out.float() - target.float()).pow(2).flatten(1).mean(1)  # (B,)
+    dtype = torch.promote_types(out.dtype, torch.float32)                # bf16 outputs: the loss in fp32
+    per_sample = (out.to(dtype) - target.to(dtype)).pow(2).flatten(1).mean(1)  # (B,)
     if weighting == "min_snr":
         per_sample = per_sample * min_snr_weight(schedule, t, prediction, min_snr_gamma).to(per_sample)
     return per_sample.mean() if reduction == "mean" else per_sample

@@ -146,7 +146,8 @@ def _noise_images(n: int, g: torch.Generator) -> Tensor:
     return torch.where(kind == 0, u, torch.where(kind == 1, smooth, gauss))
 
 
-def train_digits_classifier(recipe: ClassifierRecipe = ClassifierRecipe(), train: Dataset | None = None) -> DigitsClassifier:
+def train_digits_classifier(recipe: ClassifierRecipe = ClassifierRecipe(),
+                            train: Dataset | None = None) -> DigitsClassifier:
     """Train the classifier on the digits train split: deterministic for a recipe (one CPU thread).
 
     Cross-entropy on the digits, each batch shifted by up to one pixel, plus ``outlier_weight`` ×
@@ -170,10 +171,11 @@ def train_digits_classifier(recipe: ClassifierRecipe = ClassifierRecipe(), train
                 idx = order[i:i + recipe.batch_size]
                 dx, dy = torch.randint(0, 3, (2,), generator=g).tolist()
                 x = F.pad(train.x[idx], (1, 1, 1, 1), value=-1.0)[:, :, dy:dy + 8, dx:dx + 8]
-                loss = F.cross_entropy(model(x), train.labels[idx])
-                if recipe.outlier_weight:
-                    log_p = model(_noise_images(len(idx) // 2, g)).log_softmax(-1)
-                    loss = loss - recipe.outlier_weight * log_p.mean(-1).mean()
+                n_out = len(idx) // 2 if recipe.outlier_weight else 0
+                logits = model(torch.cat([x, _noise_images(n_out, g)]))         # digits, then outliers
+                loss = F.cross_entropy(logits[:len(idx)], train.labels[idx])
+                if n_out:
+                    loss = loss - recipe.outlier_weight * logits[len(idx):].log_softmax(-1).mean()
                 opt.zero_grad()
                 loss.backward()
                 opt.step()

@@ -142,7 +142,9 @@ def ddim_timesteps(T: int, steps: int, spacing: Spacing = "trailing") -> list[in
     return sorted(set(ts), reverse=True)
 
 
-def _prepare(model: Model, shape: tuple[int, ...], generator: torch.Generator | None, device) -> tuple[Tensor, torch.device]:
+def _prepare(
+    model: Model, shape: tuple[int, ...], generator: torch.Generator | None, device
+) -> tuple[Tensor, torch.device]:
     if not callable(model):
         raise TypeError("model must be a callable model(x_t, t) -> prediction")
     if not isinstance(shape, (tuple, list, torch.Size)) or len(shape) < 1 or not all(
@@ -211,7 +213,7 @@ def ddim_sample(
         check_same_shape(x_T=x_T, noise=x)
         x = x_T.to(x.device)
     traj = [x.cpu()] if return_trajectory else None
-    for t, t_prev in zip(ts, ts[1:] + [0]):
+    for t, t_prev in zip(ts, ts[1:] + [0], strict=True):
         tt, x0, eps = _predict(model, s, x, t, prediction, clip_x0)
         z = torch.randn(x.shape, generator=generator, device=x.device) if eta > 0 and t_prev > 0 else None
         x = ddim_step_x0_eps(s, x, tt, torch.full_like(tt, t_prev), x0, eps, eta, z)
@@ -236,7 +238,7 @@ def ddim_invert(
         raise TypeError("x0 must be a torch.Tensor of shape (B, ...)")
     ts = ddim_timesteps(s.T, steps, spacing)[::-1]
     x = x0
-    for t_prev, t in zip([0] + ts[:-1], ts):
+    for t_prev, t in zip([0] + ts[:-1], ts, strict=True):
         # ε̂ is evaluated at the current, less noisy point (Song et al. 2021, Sec. 4.3); from the
         # clean x_0 (t_prev = 0) it is evaluated at the first selected step instead.
         tt = torch.full((x.shape[0],), t if t_prev == 0 else t_prev, dtype=torch.long, device=x.device)

@@ -95,7 +95,9 @@ class NoiseSchedule:
         full = torch.cat([torch.ones(1, dtype=F64), ab])
         if not (full[1:] < full[:-1]).all():
             i = int(torch.nonzero(~(full[1:] < full[:-1]))[0]) + 1
-            raise ValueError(f"ᾱ_t must be strictly decreasing; ᾱ_{i} = {float(full[i])} >= ᾱ_{i-1} = {float(full[i-1])}")
+            raise ValueError(
+                f"ᾱ_t must be strictly decreasing; ᾱ_{i} = {float(full[i])} >= ᾱ_{i-1} = {float(full[i-1])}"
+            )
         return cls.from_betas(1.0 - full[1:] / full[:-1], name=name)
 
     @classmethod
@@ -143,7 +145,8 @@ class NoiseSchedule:
         r = (r - last) * first / (first - last)
         ab = torch.cat([torch.ones(1, dtype=F64), r**2])
         betas = 1.0 - ab[1:] / ab[:-1]
-        return NoiseSchedule(torch.cat([torch.zeros(1, dtype=F64), betas]), name=f"{self.name}+zero_snr", _allow_terminal_one=True)
+        full = torch.cat([torch.zeros(1, dtype=F64), betas])
+        return NoiseSchedule(full, name=f"{self.name}+zero_snr", _allow_terminal_one=True)
 
     # ---------------------------------------------------------------- derived
     @property
@@ -227,7 +230,9 @@ class NoiseSchedule:
         t = self._t(t, xt)
         return extract(self.sqrt_one_minus_alpha_bars, t, xt) * xt + extract(self.sqrt_alpha_bars, t, xt) * v
 
-    def predict_x0_eps(self, xt: Tensor, t: int | Tensor, out: Tensor, prediction: Prediction = "eps") -> tuple[Tensor, Tensor]:
+    def predict_x0_eps(
+        self, xt: Tensor, t: int | Tensor, out: Tensor, prediction: Prediction = "eps"
+    ) -> tuple[Tensor, Tensor]:
         """Turn a model output of kind ``prediction`` ('eps', 'x0' or 'v') into the pair (x̂_0, ε̂)."""
         check_choice("prediction", prediction, PREDICTIONS)
         if prediction == "eps":

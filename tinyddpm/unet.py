@@ -28,28 +28,35 @@ TIME_INJECTIONS: tuple[str, ...] = ("scale_shift", "add")
 
 
 class ResBlock(nn.Module):
-    """h = conv(SiLU(GN(x))); h = GN(h)·(1 + s) + b with (s, b) = Linear(e); out = skip(x) + conv(drop(SiLU(h)))."""
+    """h = conv(SiLU(GN(x))); h = GN(h)·(1 + s) + b; out = skip(x) + conv(drop(SiLU(h))).
 
-    def __init__(self, in_ch: int, out_ch: int, emb_dim: int, groups: int, dropout: float, time_injection: str):
+    (s, b) come from the embedding e through a linear map. For speed the UNet computes the maps of
+    *all* its ResBlocks as one matmul (``UNet.emb_proj``) and hands each block its slice: (1 + s, b)
+    for ``"scale_shift"``, or a single shift added before the second norm for ``"add"`` (DDPM).
+    """
+
+    def __init__(self, in_ch: int, out_ch: int, groups: int, dropout: float, time_injection: str):
         super().__init__()
         self.scale_shift = time_injection == "scale_shift"
+        self.emb_channels = 2 * out_ch if self.scale_shift else out_ch   # width of this block's slice
         self.norm1 = nn.GroupNorm(groups, in_ch)
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
-        self.emb_proj = nn.Linear(emb_dim, 2 * out_ch if self.scale_shift else out_ch)
         self.norm2 = nn.GroupNorm(groups, out_ch)
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else None
         self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
-        self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
+        self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else None
 
-    def forward(self, x: Tensor, emb: Tensor) -> Tensor:
+    def forward(self, x: Tensor, e: tuple[Tensor, ...]) -> Tensor:
         h = self.conv1(F.silu(self.norm1(x)))                            # (B, out, H, W)
-        e = self.emb_proj(emb)[:, :, None, None]                         # (B, 2·out or out, 1, 1)
         if self.scale_shift:
-            scale, shift = e.chunk(2, dim=1)
-            h = torch.addcmul(shift, self.norm2(h), scale + 1)           # GN(h)·(1 + s) + b
+            scale1, shift = e                                            # each (B, out, 1, 1); scale1 = 1 + s
+            h = torch.addcmul(shift, self.norm2(h), scale1)              # GN(h)·(1 + s) + b
         else:
-            h = self.norm2(h + e)
-        return self.skip(x) + self.conv2(self.dropout(F.silu(h)))
+            h = self.norm2(h + e[0])
+        h = F.silu(h)
+        if self.dropout is not None:
+            h = self.dropout(h)
+        return (x if self.skip is None else self.skip(x)) + self.conv2(h)
 
 
 class Attention(nn.Module):
@@ -167,7 +174,7 @@ class UNet(nn.Module):
         emb_dim = 4 * base_channels
         self.time_emb = TimeEmbedding(base_channels, emb_dim)
         self.cond_emb = ConditionEmbedding(emb_dim, num_classes, context_dim)
-        block = lambda i, o: ResBlock(i, o, emb_dim, groups, dropout, time_injection)  # noqa: E731
+        block = lambda i, o: ResBlock(i, o, groups, dropout, time_injection)  # noqa: E731
         attn = lambda c, on: Attention(c, num_heads, groups) if on else nn.Identity()  # noqa: E731
 
         self.conv_in = nn.Conv2d(in_channels, base_channels, 3, padding=1)
@@ -196,6 +203,17 @@ class UNet(nn.Module):
         self.norm_out = nn.GroupNorm(groups, ch)
         self.conv_out = nn.Conv2d(ch, out_channels, 3, padding=1)
 
+        # Every ResBlock's linear map of e, stacked into one Linear: one matmul per forward instead of
+        # one per block (small models are launch-bound). Same parameters as separate maps; the "+1"
+        # of the scale (1 + s) is a constant offset on the scale rows, added to the bias.
+        blocks = [m for m in self.modules() if isinstance(m, ResBlock)]
+        self.emb_proj = nn.Linear(emb_dim, sum(b.emb_channels for b in blocks))
+        offset = [torch.cat([torch.ones(b.emb_channels // 2), torch.zeros(b.emb_channels // 2)])
+                  if b.scale_shift else torch.zeros(b.emb_channels) for b in blocks]
+        self.register_buffer("emb_offset", torch.cat(offset), persistent=False)
+        self._emb_split = [c for b in blocks for c in ((b.emb_channels // 2,) * 2 if b.scale_shift else (b.emb_channels,))]
+        self._emb_per_block = 2 if time_injection == "scale_shift" else 1
+
     @property
     def null_label(self) -> int | None:
         """The label index meaning "no label" (= num_classes), or None for an unconditional model."""
@@ -215,21 +233,25 @@ class UNet(nn.Module):
         if cond is not None:
             emb = emb + cond
         emb = F.silu(emb)
+        B, k = x.shape[0], self._emb_per_block
+        e = F.linear(emb, self.emb_proj.weight, self.emb_proj.bias + self.emb_offset)
+        e = e.view(B, -1, 1, 1).split(self._emb_split, dim=1)              # (1+s, b) or (b,) per ResBlock
+        es = iter([e[i:i + k] for i in range(0, len(e), k)])               # in the order they run
 
         h = self.conv_in(x)
         hs = [h]
         for level in self.down:
             for res, attn in zip(level.res, level.attn):
-                h = attn(res(h, emb))
+                h = attn(res(h, next(es)))
                 hs.append(h)
             if level.resample is not None:
                 h = level.resample(h)
                 hs.append(h)
         for res, attn in zip(self.mid.res, self.mid.attn):
-            h = attn(res(h, emb))
+            h = attn(res(h, next(es)))
         for level in self.up:
             for res, attn in zip(level.res, level.attn):
-                h = attn(res(torch.cat([h, hs.pop()], dim=1), emb))
+                h = attn(res(torch.cat([h, hs.pop()], dim=1), next(es)))
             if level.resample is not None:
                 h = level.resample(h)
         return self.conv_out(F.silu(self.norm_out(h)))

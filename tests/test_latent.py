@@ -1,0 +1,220 @@
+"""Cross-attention, the SpatialTransformer, the latent UNet and the text-to-image pipeline (chapter 9)."""
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tinyddpm.attention import MultiHeadAttention, SpatialTransformer, attention
+from tinyddpm.latent import (
+    CrossAttnUNet,
+    CrossAttnUNetConfig,
+    Text2ImgConfig,
+    TextToImage,
+    sample_prompt,
+    train_text2img,
+)
+from tinyddpm.schedule import NoiseSchedule
+from tinyddpm.text import TextEncoder, TextEncoderConfig, Tokenizer
+from tinyddpm.vae import VAE, VAEConfig
+
+
+# ---------------------------------------------------------------- attention, eq. (eq-cross-attention)
+def test_attention_matches_a_brute_force_loop_and_respects_the_mask():
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, n, 4, generator=g, dtype=torch.float64) for n in (5, 6, 6))
+    mask = torch.tensor([[True] * 6, [True, True, False, True, False, False]])
+    out, w = attention(q, k, v, mask)
+    assert out.shape == (2, 3, 5, 4) and w.shape == (2, 3, 5, 6)
+    for b in range(2):
+        for h in range(3):
+            for i in range(5):
+                keep = [j for j in range(6) if mask[b, j]]
+                s = [float(q[b, h, i] @ k[b, h, j]) / math.sqrt(4) for j in keep]
+                e = [math.exp(x - max(s)) for x in s]
+                ref = torch.zeros(6, dtype=torch.float64)
+                ref[keep] = torch.tensor(e, dtype=torch.float64) / sum(e)
+                torch.testing.assert_close(w[b, h, i], ref, rtol=1e-12, atol=1e-14)
+                torch.testing.assert_close(out[b, h, i], ref @ v[b, h], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(w.sum(-1), torch.ones(2, 3, 5, dtype=torch.float64), rtol=0, atol=1e-12)
+    assert (w[1][..., ~mask[1]] == 0).all()                         # padded keys: exactly zero weight
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :])
+    torch.testing.assert_close(out, ref)
+
+
+def test_attention_mask_validation():
+    q = torch.zeros(1, 1, 2, 4)
+    with pytest.raises(ValueError, match=r"mask must be a bool tensor of shape \(B, M\)"):
+        attention(q, q, q, torch.ones(1, 2))
+    with pytest.raises(ValueError, match="at least one True"):
+        attention(q, q, q, torch.zeros(1, 2, dtype=torch.bool))
+
+
+def test_spatial_transformer_starts_as_identity_and_ignores_padding():
+    torch.manual_seed(0)
+    st = SpatialTransformer(16, context_dim=12, heads=4, groups=4)
+    h, ctx = torch.randn(2, 16, 4, 4), torch.randn(2, 5, 12)
+    mask = torch.tensor([[True, True, True, False, False], [True, True, True, True, True]])
+    assert torch.equal(st(h, ctx, mask), h)                          # zero-initialised proj_out
+    torch.nn.init.normal_(st.proj_out.weight)
+    st.store_attention = True
+    out = st(h, ctx, mask)
+    assert out.shape == h.shape and not torch.allclose(out, h)
+    w = st.last_attention
+    assert w.shape == (2, 4, 16, 5)                                  # (B, heads, H·W, K)
+    torch.testing.assert_close(w.sum(-1), torch.ones(2, 4, 16), rtol=0, atol=1e-6)
+    assert (w[0, ..., 3:] == 0).all()
+    ctx2 = ctx.clone()
+    ctx2[0, 3:] = 100 * torch.randn(2, 12)                            # change only the padded words
+    torch.testing.assert_close(st(h, ctx2, mask), out, rtol=0, atol=1e-6)
+    ctx2[0, 0] += 1                                                   # a real word does matter
+    assert not torch.allclose(st(h, ctx2, mask), out)
+    with pytest.raises(ValueError, match=r"context must have shape \(B=2, K, E\)"):
+        st(h, ctx[0], mask)
+    with pytest.raises(ValueError, match="divisible by groups"):
+        SpatialTransformer(10, 12, groups=4)
+
+
+def test_cross_attention_learns_to_look_at_the_informative_token():
+    """Context: 6 filler tokens and one digit token at a random place; predict the digit from the
+    attention output of a single query. After a little training the attention mass on the digit
+    token is far above that on any filler (which uniform attention would give 1/7 each)."""
+    g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    emb = torch.nn.Embedding(16, 16)                                  # ids 0..9 digits, 10..15 fillers
+    attn = MultiHeadAttention(16, 16, heads=1)
+    query = torch.nn.Parameter(torch.randn(1, 1, 16))
+    head = torch.nn.Linear(16, 10)
+    params = [*emb.parameters(), *attn.parameters(), query, *head.parameters()]
+    opt = torch.optim.Adam(params, lr=1e-2)
+
+    def batch(n):
+        ids = torch.randint(10, 16, (n, 7), generator=g)
+        digit = torch.randint(0, 10, (n,), generator=g)
+        pos = torch.randint(0, 7, (n,), generator=g)
+        ids[torch.arange(n), pos] = digit
+        return ids, digit, pos
+
+    for _ in range(300):
+        ids, digit, _ = batch(64)
+        logits = head(attn(query.expand(64, 1, 16), emb(ids))[:, 0])
+        loss = F.cross_entropy(logits, digit)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    ids, digit, pos = batch(256)
+    attn.store_attention = True
+    with torch.no_grad():
+        logits = head(attn(query.expand(256, 1, 16), emb(ids))[:, 0])
+    w = attn.last_attention[:, 0, 0]                                  # (256, 7)
+    on_digit = w[torch.arange(256), pos]
+    on_filler = (w.sum(1) - on_digit) / 6
+    assert (logits.argmax(1) == digit).float().mean() > 0.9
+    assert on_digit.mean() > 0.6 and (on_digit > on_filler).float().mean() > 0.85   # uniform: 1/7 and 0
+
+
+# ---------------------------------------------------------------- the UNet and the pipeline
+def _tiny_pipeline(seed=0, latent_channels=2):
+    torch.manual_seed(seed)
+    tok = Tokenizer.for_digits(max_length=6)
+    text = TextEncoder(TextEncoderConfig(vocab_size=len(tok), max_length=6, dim=16, depth=1, heads=2))
+    unet = CrossAttnUNet(CrossAttnUNetConfig(latent_channels=2, channels=8, context_dim=16, heads=2, groups=4))
+    vae = VAE(VAEConfig(channels=8, latent_channels=latent_channels))
+    for p in unet.out.parameters():                                   # leave the zero init: outputs must vary
+        torch.nn.init.normal_(p, std=0.1)
+    return TextToImage(tok, text, unet, vae, NoiseSchedule.linear(T=50), (1, 8, 8)).eval()
+
+
+def test_unet_shapes_zero_init_and_errors():
+    torch.manual_seed(0)
+    unet = CrossAttnUNet(CrossAttnUNetConfig(channels=8, context_dim=16, heads=2, groups=4))
+    z, t, ctx = torch.randn(3, 2, 4, 4), torch.tensor([1, 5, 9]), torch.randn(3, 6, 16)
+    mask = torch.ones(3, 6, dtype=torch.bool)
+    assert torch.equal(unet(z, t, ctx, mask), torch.zeros_like(z))    # zero-initialised output conv
+    assert len(unet.spatial_transformers()) == 5
+    with pytest.raises(ValueError, match="needs context"):
+        unet(z, t)
+    with pytest.raises(ValueError, match=r"latent \(B, 2, h, w\)"):
+        unet(torch.randn(3, 1, 4, 4), t, ctx, mask)
+    with pytest.raises(TypeError, match="integer tensor"):
+        unet(z, t.float(), ctx, mask)
+
+
+def test_pipeline_generate_shapes_determinism_and_cfg():
+    pipe = _tiny_pipeline()
+    g = lambda: torch.Generator().manual_seed(3)  # noqa: E731
+    x = pipe.generate(["a seven", "3"], steps=5, generator=g())
+    assert x.shape == (2, 1, 8, 8) and x.abs().max() <= 1
+    assert torch.equal(x, pipe.generate(["a seven", "3"], steps=5, generator=g()))
+    # guided ε in one doubled batch == ε_u + w (ε_c - ε_u) from two separate passes
+    z, t = torch.randn(2, 2, 4, 4), torch.tensor([10, 40])
+    ctx_c, m_c = pipe.encode_prompts(["a seven", "3"])
+    ctx_u, m_u = pipe.encode_prompts(["", ""])
+    eps_c, eps_u = pipe.unet(z, t, ctx_c, m_c), pipe.unet(z, t, ctx_u, m_u)
+    torch.testing.assert_close(pipe.guided_denoiser(["a seven", "3"], 3.0)(z, t), eps_u + 3.0 * (eps_c - eps_u),
+                               rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(pipe.guided_denoiser(["a seven", "3"], 1.0)(z, t), eps_c)
+    torch.testing.assert_close(pipe.guided_denoiser(["a seven", "3"], 0.0)(z, t), eps_u, rtol=1e-5, atol=1e-6)
+    lat = pipe.generate("a seven", steps=3, generator=g(), return_latents=True)
+    assert lat.shape == (1, 2, 4, 4)
+    with pytest.raises(ValueError, match="sampler must be one of"):
+        pipe.generate("a seven", sampler="magic")
+    with pytest.raises(ValueError, match="guidance must be a finite number >= 0"):
+        pipe.generate("a seven", guidance=-1.0)
+    with pytest.raises(ValueError, match="at least one prompt"):
+        pipe.generate([])
+
+
+def test_vae_unet_mismatch_is_an_error(tmp_path):
+    with pytest.raises(ValueError, match="does not belong to this UNet"):
+        _tiny_pipeline(latent_channels=3)
+    pipe = _tiny_pipeline()
+    pipe.save(tmp_path / "p")
+    other = _tiny_pipeline(seed=1)
+    other.save(tmp_path / "q")
+    (tmp_path / "q" / "vae.safetensors").replace(tmp_path / "p" / "vae.safetensors")   # a foreign VAE
+    with pytest.raises(ValueError, match="not the one the UNet was trained with"):
+        TextToImage.load(tmp_path / "p")
+    meta = json.loads((tmp_path / "q" / "pipeline.json").read_text())
+    meta["latent_shape"] = [2, 2, 2]
+    (tmp_path / "q" / "pipeline.json").write_text(json.dumps(meta))
+    (tmp_path / "p" / "vae.safetensors").replace(tmp_path / "q" / "vae.safetensors")
+    with pytest.raises(ValueError, match="the UNet was trained on"):
+        TextToImage.load(tmp_path / "q")
+    with pytest.raises(FileNotFoundError, match="no pipeline.json"):
+        TextToImage.load(tmp_path / "nowhere")
+
+
+def test_save_load_round_trip_and_sample_prompt(tmp_path):
+    pipe = _tiny_pipeline()
+    pipe.save(tmp_path / "p")
+    loaded = TextToImage.load(tmp_path / "p")
+    a = pipe.generate(["a thick 3"] * 2, steps=4, generator=torch.Generator().manual_seed(0))
+    b = loaded.generate(["a thick 3"] * 2, steps=4, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(a, b)
+    x = sample_prompt(tmp_path / "p", "a thick 3", n=2, guidance=3.0, steps=4, seed=0)
+    assert torch.equal(x, a)
+    assert not torch.equal(x, sample_prompt(tmp_path / "p", "a thick 3", n=2, steps=4, seed=1))
+
+
+def test_train_text2img_runs_and_is_deterministic():
+    from tinyddpm.data import Dataset, load_dataset
+
+    d = load_dataset("digits", split="train")
+    small = Dataset(d.x[:40], d.labels[:40], 10, "digits")
+    cfg = Text2ImgConfig(
+        vae=VAEConfig(channels=8), vae_steps=2, steps=2, batch_size=4,
+        text=TextEncoderConfig(vocab_size=0, dim=16, depth=1, heads=2),
+        unet=CrossAttnUNetConfig(channels=8, context_dim=16, heads=2, groups=4),
+    )
+    a, b = train_text2img(small, cfg), train_text2img(small, cfg)
+    for pa, pb in zip(a.state_dict().values(), b.state_dict().values()):
+        assert torch.equal(pa, pb)
+    assert a.config.text.vocab_size == len(a.tokenizer)
+    with pytest.raises(ValueError, match="unet.context_dim"):
+        Text2ImgConfig(unet=CrossAttnUNetConfig(context_dim=32))
+    with pytest.raises(ValueError, match="digit labels"):
+        train_text2img(Dataset(d.x[:4]), cfg)
+    assert Text2ImgConfig.from_dict(cfg.to_dict()) == cfg

@@ -1,0 +1,239 @@
+"""Denoisers: time embedding, UNet/MLP shapes and conditioning, errors, presets, registry, learning."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+import tinyddpm as td
+from tinyddpm.nn import TimeEmbedding
+
+torch.set_grad_enabled(True)
+
+
+def small_unet(**kw) -> td.UNet:
+    cfg = dict(in_channels=1, image_size=8, base_channels=16, channel_mults=(1, 2), num_res_blocks=1,
+               attention_levels=(1,), groups=4)
+    cfg.update(kw)
+    torch.manual_seed(0)
+    return td.UNet(**cfg)
+
+
+# ------------------------------------------------------------------ timestep embedding
+def test_timestep_embedding_matches_the_formula_by_hand():
+    dim, P = 10, 10000.0
+    t = torch.tensor([0, 1, 7, 500, 1000])
+    emb = td.timestep_embedding(t, dim, P)
+    h = dim // 2
+    for r, tv in enumerate(t.tolist()):
+        for i in range(h):
+            w = P ** (-i / (h - 1))
+            assert emb[r, i].item() == pytest.approx(math.sin(tv * w), abs=2e-4)
+            assert emb[r, h + i].item() == pytest.approx(math.cos(tv * w), abs=2e-4)
+    assert td.timestep_embedding(t, 7).shape == (5, 7)
+    assert torch.all(td.timestep_embedding(t, 7)[:, -1] == 0)               # odd dim: zero pad
+    with pytest.raises(ValueError, match="dim must be >= 2"):
+        td.timestep_embedding(t, 1)
+    with pytest.raises(ValueError, match=r"shape \(B,\)"):
+        td.timestep_embedding(t[:, None], 8)
+
+
+def test_time_embedding_module_uses_the_sinusoids():
+    m = TimeEmbedding(16, 32)
+    t = torch.tensor([3, 999])
+    torch.testing.assert_close(m(t), m.mlp(td.timestep_embedding(t, 16)))
+
+
+# ------------------------------------------------------------------ UNet shapes and behaviour
+@pytest.mark.parametrize("cfg, shape", [
+    (dict(), (2, 1, 8, 8)),
+    (dict(image_size=16, channel_mults=(1, 2, 2), attention_levels=(1, 2), num_heads=2), (3, 1, 16, 16)),
+    (dict(image_size=28, in_channels=1, channel_mults=(1, 2, 2), num_res_blocks=2, attention_levels=(2,)), (2, 1, 28, 28)),
+    (dict(image_size=32, in_channels=3, channel_mults=(1, 2, 2, 2), attention_levels=(1,), time_injection="add"),
+     (2, 3, 32, 32)),
+    (dict(in_channels=3, out_channels=6, attention_levels=(), dropout=0.1), (2, 3, 8, 8)),
+])
+def test_unet_shapes(cfg, shape):
+    m = small_unet(**cfg)
+    out = m(torch.randn(shape), torch.randint(1, 1001, (shape[0],)))
+    assert out.shape == (shape[0], m.config["out_channels"], *shape[2:])
+    assert torch.isfinite(out).all()
+
+
+def test_unet_output_depends_on_t():
+    m = small_unet().eval()
+    x = torch.randn(1, 1, 8, 8).expand(3, 1, 8, 8)
+    out = m(x, torch.tensor([1, 500, 1000]))
+    for i, j in [(0, 1), (1, 2), (0, 2)]:
+        assert (out[i] - out[j]).abs().max() > 1e-3      # the tutorial's t-blind "UNet" fails this
+    torch.testing.assert_close(m(x[:1], torch.tensor(500)), out[1:2])   # a 0-d t broadcasts
+
+
+def test_scale_shift_offset_is_aligned():
+    """With the embedding map zeroed, scale-shift (1 + 0, 0) and additive (+0) blocks are the identity
+    on GN(h): the two variants must agree exactly. A "+1" on the wrong rows would break this."""
+    a, b = small_unet(time_injection="scale_shift"), small_unet(time_injection="add")
+    sd = {k: v for k, v in a.state_dict().items() if not k.startswith("emb_proj")}
+    b.load_state_dict(sd, strict=False)
+    for m in (a, b):
+        torch.nn.init.zeros_(m.emb_proj.weight)
+        torch.nn.init.zeros_(m.emb_proj.bias)
+    x, t = torch.randn(2, 1, 8, 8), torch.tensor([3, 700])
+    torch.testing.assert_close(a(x, t), b(x, t))
+    with torch.no_grad():   # and a non-zero map changes the output
+        a.emb_proj.bias.add_(0.5)
+    assert (a(x, t) - b(x, t)).abs().max() > 1e-3
+
+
+def test_unet_class_labels_and_null_label():
+    m = small_unet(num_classes=10).eval()
+    assert m.null_label == 10
+    x, t = torch.randn(1, 1, 8, 8).expand(2, 1, 8, 8), torch.tensor([300, 300])
+    out = m(x, t, y=torch.tensor([2, 7]))
+    assert (out[0] - out[1]).abs().max() > 1e-3
+    torch.testing.assert_close(m(x, t), m(x, t, y=torch.full((2,), m.null_label)))
+    with pytest.raises(ValueError, match=r"labels y must lie in \[0, 10\]"):
+        m(x, t, y=torch.tensor([0, 11]))
+    with pytest.raises(ValueError, match=r"labels y must lie in \[0, 10\]"):
+        m(x, t, y=torch.tensor([-1, 0]))
+    with pytest.raises(TypeError, match="y must be a LongTensor"):
+        m(x, t, y=torch.tensor([0.0, 1.0]))
+    with pytest.raises(ValueError, match=r"y must have shape \(B,\)"):
+        m(x, t, y=torch.tensor([1]))
+    with pytest.raises(ValueError, match="unconditional"):
+        small_unet()(x, t, y=torch.tensor([1, 2]))
+
+
+def test_unet_context_vector_zero_means_unconditional():
+    m = small_unet(context_dim=5, num_classes=3).eval()
+    x, t = torch.randn(2, 1, 8, 8), torch.tensor([10, 900])
+    torch.testing.assert_close(m(x, t), m(x, t, context=torch.zeros(2, 5)))
+    assert (m(x, t, context=torch.eye(5)[:2]) - m(x, t)).abs().max() > 1e-3
+    with pytest.raises(ValueError, match=r"context must have shape \(B, context_dim\) = \(2, 5\)"):
+        m(x, t, context=torch.zeros(2, 4))
+    with pytest.raises(ValueError, match="takes no context"):
+        small_unet()(x, t, context=torch.zeros(2, 5))
+
+
+def test_unet_input_errors():
+    m = small_unet()
+    with pytest.raises(ValueError, match=r"x must have shape \(B, 1, H, W\)"):
+        m(torch.randn(2, 3, 8, 8), torch.tensor([1, 2]))
+    with pytest.raises(ValueError, match="multiples of 2"):
+        m(torch.randn(2, 1, 9, 9), torch.tensor([1, 2]))
+    with pytest.raises(TypeError, match="integer tensor"):
+        m(torch.randn(2, 1, 8, 8), torch.tensor([0.5, 0.2]))
+    with pytest.raises(ValueError, match=r"t must have shape \(B,\) = \(2,\)"):
+        m(torch.randn(2, 1, 8, 8), torch.tensor([1, 2, 3]))
+
+
+def test_unet_config_errors():
+    with pytest.raises(ValueError, match=r"image_size=28 does not fit 4 levels.*multiple of 8.*at most 3 level"):
+        td.UNet(image_size=28, channel_mults=(1, 2, 2, 2))
+    with pytest.raises(ValueError, match=r"attention_levels must be level indices in 0..1"):
+        td.UNet(attention_levels=(2,))
+    with pytest.raises(ValueError, match="divisible by groups=8"):
+        td.UNet(base_channels=12)
+    with pytest.raises(ValueError, match="num_heads=3 must divide"):
+        td.UNet(num_heads=3)
+    with pytest.raises(ValueError, match="time_injection must be one of 'scale_shift', 'add'"):
+        td.UNet(time_injection="film")
+    with pytest.raises(ValueError, match=r"dropout must be a number in \[0, 1\)"):
+        td.UNet(dropout=1.0)
+    with pytest.raises(ValueError, match="channel_mults must be a non-empty"):
+        td.UNet(channel_mults=())
+
+
+def test_config_is_json_and_rebuilds_the_same_model():
+    m = small_unet(num_classes=4, context_dim=3, channel_mults=(1, 2, 2), image_size=16)
+    cfg = json.loads(json.dumps(m.config))
+    m2 = td.UNet(**cfg)
+    m2.load_state_dict(m.state_dict())
+    x, t = torch.randn(2, 1, 16, 16), torch.tensor([5, 6])
+    torch.testing.assert_close(m.eval()(x, t, y=torch.tensor([0, 4])), m2.eval()(x, t, y=torch.tensor([0, 4])))
+    assert td.MLPDenoiser(**json.loads(json.dumps(td.MLPDenoiser(num_classes=2).config))).null_label == 2
+
+
+def test_gradients_reach_every_parameter():
+    m = small_unet(num_classes=3, context_dim=4, dropout=0.1, num_res_blocks=2)
+    x, t = torch.randn(4, 1, 8, 8), torch.tensor([1, 10, 500, 1000])
+    out = m(x, t, y=torch.tensor([0, 1, 2, 3]), context=torch.randn(4, 4))
+    out.pow(2).mean().backward()
+    for name, p in m.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+# ------------------------------------------------------------------ MLP
+def test_mlp_shapes_time_labels():
+    m = td.MLPDenoiser(dim=3, hidden=32, depth=2, time_dim=16, num_classes=5).eval()
+    x = torch.randn(1, 3).expand(2, 3)
+    out = m(x, torch.tensor([1, 900]))
+    assert out.shape == (2, 3) and (out[0] - out[1]).abs().max() > 1e-4
+    torch.testing.assert_close(m(x, torch.tensor([4, 4])), m(x, torch.tensor([4, 4]), y=torch.tensor([5, 5])))
+    assert (m(x, torch.tensor([4, 4]), y=torch.tensor([0, 1])).diff(dim=0)).abs().max() > 1e-4
+    with pytest.raises(ValueError, match=r"x must have shape \(B, D\) = \(B, 3\)"):
+        m(torch.randn(2, 2), torch.tensor([1, 2]))
+    with pytest.raises(ValueError, match=r"labels y must lie in \[0, 5\]"):
+        m(x, torch.tensor([1, 2]), y=torch.tensor([6, 0]))
+
+
+def test_mlp_learns_the_oracle_eps_a_bit():
+    s = td.NoiseSchedule.linear(1000)
+    gm = td.GaussianMixture([[-2.0, -1.0], [2.0, 1.0], [0.0, 2.0]], [0.3, 0.3, 0.3])
+    g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    m = td.build_model(*td.preset("toy-mlp"))
+    opt = torch.optim.Adam(m.parameters(), lr=2e-3)
+    for _ in range(300):
+        loss = td.diffusion_loss(m, s, gm.sample(256, generator=g), generator=g)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    x0 = gm.sample(4000, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        learned = float(td.diffusion_loss(m, s, x0, generator=torch.Generator().manual_seed(2)))
+        oracle = float(td.diffusion_loss(gm.as_model(s), s, x0, generator=torch.Generator().manual_seed(2)))
+    assert oracle < learned < 0.8            # beats predicting 0 (loss 1) clearly; the oracle is the floor
+    assert learned - oracle < 0.5 * (1 - oracle)   # and closes more than half of the gap to the oracle
+
+
+# ------------------------------------------------------------------ registry and presets
+def test_presets_parameter_counts():
+    kind, cfg = td.preset("cifar10-ddpm")
+    n = td.count_parameters(td.build_model(kind, cfg))
+    assert abs(n - 35.7e6) / 35.7e6 < 0.01               # Ho et al. 2020, App. B: 35.7M
+    assert n == 35_746_307                                # the count of the paper's released TF model
+    assert 0.3e6 <= td.count_parameters(td.build_model(*td.preset("digits-tiny"))) <= 1e6
+    for name in ("mnist", "cifar10-small"):
+        assert 2e6 <= td.count_parameters(td.build_model(*td.preset(name))) <= 9e6
+    m = td.build_model(*td.preset("digits-tiny", num_classes=10))
+    assert m.null_label == 10 and td.count_parameters(m, trainable_only=True) == td.count_parameters(m)
+
+
+def test_registry_and_preset_errors():
+    assert set(td.MODEL_KINDS) == {"unet", "mlp"}
+    with pytest.raises(TypeError):
+        td.MODEL_KINDS["x"] = td.UNet
+    with pytest.raises(TypeError):
+        td.PRESETS["x"] = ("unet", {})
+    with pytest.raises(ValueError, match="kind must be one of 'unet', 'mlp'"):
+        td.build_model("transformer", {})
+    with pytest.raises(ValueError, match=r"unknown argument\(s\) \['channels'\] for UNet.*valid: in_channels"):
+        td.build_model("unet", {"channels": 3})
+    with pytest.raises(ValueError, match="preset must be one of 'digits-tiny'"):
+        td.preset("huge")
+    with pytest.raises(ValueError, match=r"unknown override\(s\) \['width'\]"):
+        td.preset("toy-mlp", width=3)
+    kind, cfg = td.preset("toy-mlp", hidden=64)
+    assert kind == "mlp" and cfg["hidden"] == 64 and td.PRESETS["toy-mlp"][1]["hidden"] == 128
+
+
+def test_model_kind_sees_through_wrappers():
+    m = small_unet()
+    assert td.model_kind(m) == "unet" and td.model_kind(td.MLPDenoiser()) == "mlp"
+    assert td.model_kind(torch.compile(m)) == "unet"
+    with pytest.raises(ValueError, match="not a registered model kind"):
+        td.model_kind(torch.nn.Linear(2, 2))
