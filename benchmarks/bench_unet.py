@@ -2,7 +2,8 @@
 
 Measures, in ONE run with the two models interleaved (A B A B ...) so that machine noise hits both:
   (a) training throughput: forward + backward + AdamW step, images/s;
-  (b) DDIM-50 sampling time (the same tinyddpm sampler drives both networks, so only the network differs);
+  (b) DDIM-50 sampling time (the same tinyddpm DDIM step drives both networks, so only the network
+      differs; the two samplers advance in lockstep, A B A B at every step);
   (c) peak memory of a training step (CPU: RSS high-water mark minus RSS before the step, in a fresh
       subprocess per model; CUDA: torch.cuda.max_memory_allocated minus the memory before the step).
 Ratios are reported as medians of the per-round ratios. On CUDA, ``--bf16`` (autocast) and ``--compile``
@@ -21,6 +22,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -31,7 +33,9 @@ import torch
 import tinyddpm as td
 
 # Dense bf16 tensor-core peaks (TFLOP/s) for MFU; pass --peak-tflops for any other device.
-PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "L4": 121.0, "4090": 165.0}
+PEAK_BF16_TFLOPS = {
+    "H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "L4": 121.0, "4090": 165.0,
+}
 
 
 def diffusers_twin(config: dict):
@@ -84,7 +88,8 @@ def make_train_step(model, fn, device, bf16: bool, batch: int, config: dict):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     g = torch.Generator(device).manual_seed(0)
     s = td.NoiseSchedule.linear(1000)
-    x0 = torch.randn(batch, config["in_channels"], config["image_size"], config["image_size"], device=device, generator=g)
+    size = config["image_size"]
+    x0 = torch.randn(batch, config["in_channels"], size, size, device=device, generator=g)
 
     def step():
         with autocast(device, bf16):
@@ -152,13 +157,17 @@ def peak_memory(which: str, config: dict, batch: int, device: str, bf16: bool, t
     args = [sys.executable, __file__, "--_memory-child", which, "--_config", json.dumps(config),
             "--batch", str(batch), "--device", device] + (["--bf16"] if bf16 else []) \
         + (["--threads", str(threads)] if threads else [])
-    out = subprocess.run(args, capture_output=True, text=True, check=True).stdout
+    # A fixed mmap threshold stops glibc from keeping freed tensors in the heap, so RSS tracks the live
+    # memory instead of the allocator's history (without it, repeated runs differed by ~50%).
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+    out = subprocess.run(args, capture_output=True, text=True, check=True, env=env).stdout
     return float(out.strip().splitlines()[-1])
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--preset", default="digits-tiny", choices=[k for k, (kind, _) in td.PRESETS.items() if kind == "unet"])
+    unets = [k for k, (kind, _) in td.PRESETS.items() if kind == "unet"]
+    p.add_argument("--preset", default="digits-tiny", choices=unets)
     p.add_argument("--batch", type=int, default=128, help="training batch size")
     p.add_argument("--sample-batch", type=int, default=16, help="DDIM sampling batch size")
     p.add_argument("--ddim-steps", type=int, default=50)
@@ -189,7 +198,8 @@ def main(argv: list[str] | None = None) -> None:
     import diffusers
     print(f"preset {a.preset}: {json.dumps(config)}")
     print(f"torch {torch.__version__}, diffusers {diffusers.__version__}, device {device}"
-          f"{' ' + torch.cuda.get_device_name(device) if device.type == 'cuda' else ''}, threads {torch.get_num_threads()}, "
+          f"{' ' + torch.cuda.get_device_name(device) if device.type == 'cuda' else ''}, "
+          f"threads {torch.get_num_threads()}, "
           f"bf16 {a.bf16}, compile {a.compile}")
     print(f"parameters: tinyddpm {n_ours:,}  diffusers {n_theirs:,}  (diff {100 * (n_ours / n_theirs - 1):+.2f}%)")
 
@@ -201,7 +211,7 @@ def main(argv: list[str] | None = None) -> None:
         step_theirs()
     ta, tb = interleaved(step_ours, step_theirs, a.rounds, a.steps, device)
     ips = lambda ts: statistics.median(a.batch * a.steps / t for t in ts)  # noqa: E731
-    ratio = statistics.median(b / x for x, b in zip(ta, tb))
+    ratio = statistics.median(b / x for x, b in zip(ta, tb, strict=True))
     print(f"(a) train step, batch {a.batch}: tinyddpm {ips(ta):.1f} img/s, diffusers {ips(tb):.1f} img/s; "
           f"speed-up (median of {a.rounds} ABAB ratios) {ratio:.2f}x")
     flops = train_flops(ours, ours, device, a.bf16, a.batch, config)
@@ -219,26 +229,38 @@ def main(argv: list[str] | None = None) -> None:
                 f"(peak {peak:g} TFLOP/s)"
     print(line)
 
-    # (b) DDIM-50 sampling, the same sampler for both networks
+    # (b) DDIM-50 sampling: the two samplers run in lockstep, alternating model A and B at every step,
+    # so a change in machine load hits both equally; each round's times are the sums over its steps.
     if not a.no_sampling:
         s = td.NoiseSchedule.linear(1000)
         shape = (a.sample_batch, config["in_channels"], config["image_size"], config["image_size"])
+        ts = td.ddim_timesteps(s.T, a.ddim_steps, "trailing")
+        ours.eval()
+        theirs.eval()
 
-        def sampler(fn, model):
-            def run():
-                model.eval()
-                g = torch.Generator(device).manual_seed(1)
-                with autocast(device, a.bf16):
-                    td.ddim_sample(fn, s, shape, steps=a.ddim_steps, generator=g, device=device)
-                model.train()
-            return run
-        sa, sb = sampler(f_ours, ours), sampler(f_theirs, theirs)
-        sa()
-        sb()                                                                   # warm-up
-        ta, tb = interleaved(sa, sb, a.sample_rounds, 1, device)
-        ratio = statistics.median(b / x for x, b in zip(ta, tb))
+        def lockstep() -> tuple[float, float]:
+            x_T = torch.randn(shape, generator=torch.Generator(device).manual_seed(1), device=device)
+            xs, took = [x_T, x_T.clone()], [0.0, 0.0]
+            for t, t_prev in zip(ts, ts[1:] + [0], strict=True):
+                tt = torch.full((shape[0],), t, dtype=torch.long, device=device)
+                for i, fn in enumerate((f_ours, f_theirs)):
+                    sync(device)
+                    t0 = time.perf_counter()
+                    with torch.no_grad(), autocast(device, a.bf16):
+                        eps = fn(xs[i], tt).float()
+                    xs[i] = td.ddim_step(s, xs[i], tt, torch.full_like(tt, t_prev), eps)
+                    sync(device)
+                    took[i] += time.perf_counter() - t0
+            return took[0], took[1]
+        lockstep()                                                             # warm-up
+        rounds = [lockstep() for _ in range(a.sample_rounds)]
+        ta, tb = [r[0] for r in rounds], [r[1] for r in rounds]
+        ratio = statistics.median(b / x for x, b in zip(ta, tb, strict=True))
         print(f"(b) DDIM-{a.ddim_steps} sampling, batch {a.sample_batch}: tinyddpm {statistics.median(ta):.2f} s, "
-              f"diffusers {statistics.median(tb):.2f} s; speed-up (median of {a.sample_rounds} ABAB ratios) {ratio:.2f}x")
+              f"diffusers {statistics.median(tb):.2f} s; "
+              f"speed-up (median of {a.sample_rounds} lockstep rounds) {ratio:.2f}x")
+        ours.train()
+        theirs.train()
 
     # (c) peak memory of a training step, each model in its own process
     if not a.no_memory:

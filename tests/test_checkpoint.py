@@ -208,3 +208,40 @@ def test_weights_only_state_holds_everything_needed(tmp_path):
     with pytest.raises(pickle.UnpicklingError):  # the file really is a restricted pickle: no classes
         torch.save({"x": Payload(tmp_path / "m2")}, tmp_path / "s.pt")
         torch.load(tmp_path / "s.pt", weights_only=True)
+
+
+def test_load_or_train_trains_once_then_loads(tmp_path, monkeypatch):
+    import tinyddpm.pretrained as pre
+
+    tiny = pre.Recipe("moons", "toy-mlp", DiffusionConfig(T=20),
+                      TrainConfig(steps=3, batch_size=8, device="cpu", progress=False, keep_last=1),
+                      model_overrides={"hidden": 16, "depth": 1})
+    monkeypatch.setattr(pre, "RECIPES", {"tiny": tiny})
+    first = pre.load_or_train("tiny", cache=tmp_path)
+    assert first.step == 3 and first.model_config["hidden"] == 16
+    assert first.path.parent == tmp_path / f"tiny-{tiny.digest()}"
+    assert [p.name for p in tmp_path.iterdir()] == [f"tiny-{tiny.digest()}"]  # no partial dirs left
+
+    def no_training(*a, **k):
+        raise AssertionError("a cached recipe must not be retrained")
+
+    monkeypatch.setattr(pre, "train_recipe", no_training)
+    again = pre.load_or_train("tiny", cache=tmp_path)
+    assert same(weights(again.model), weights(first.model))
+    # a different recipe hashes differently (so an edited recipe retrains), progress does not count
+    other = pre.Recipe("moons", "toy-mlp", DiffusionConfig(T=20), tiny.train.replace(lr=2e-3),
+                       model_overrides={"hidden": 16, "depth": 1})
+    quiet = pre.Recipe("moons", "toy-mlp", DiffusionConfig(T=20), tiny.train.replace(progress=True),
+                       model_overrides={"hidden": 16, "depth": 1})
+    assert other.digest() != tiny.digest() and quiet.digest() == tiny.digest()
+    with pytest.raises(ValueError, match="recipe must be one of 'tiny'"):
+        pre.load_or_train("imagenet", cache=tmp_path)
+
+
+def test_builtin_recipes_are_well_formed():
+    from tinyddpm.pretrained import RECIPES, recipe_dir
+
+    assert set(RECIPES) == {"digits", "digits-cond", "toy"}
+    assert RECIPES["digits-cond"].conditional and RECIPES["digits-cond"].train.label_dropout == 0.1
+    assert len({r.digest() for r in RECIPES.values()}) == 3
+    assert recipe_dir("digits", "/c").name == f"digits-{RECIPES['digits'].digest()}"

@@ -210,7 +210,7 @@ def test_train_text2img_runs_and_is_deterministic():
         unet=CrossAttnUNetConfig(channels=8, context_dim=16, heads=2, groups=4),
     )
     a, b = train_text2img(small, cfg), train_text2img(small, cfg)
-    for pa, pb in zip(a.state_dict().values(), b.state_dict().values()):
+    for pa, pb in zip(a.state_dict().values(), b.state_dict().values(), strict=True):
         assert torch.equal(pa, pb)
     assert a.config.text.vocab_size == len(a.tokenizer)
     with pytest.raises(ValueError, match="unet.context_dim"):

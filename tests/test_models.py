@@ -51,7 +51,7 @@ def test_time_embedding_module_uses_the_sinusoids():
 @pytest.mark.parametrize("cfg, shape", [
     (dict(), (2, 1, 8, 8)),
     (dict(image_size=16, channel_mults=(1, 2, 2), attention_levels=(1, 2), num_heads=2), (3, 1, 16, 16)),
-    (dict(image_size=28, in_channels=1, channel_mults=(1, 2, 2), num_res_blocks=2, attention_levels=(2,)), (2, 1, 28, 28)),
+    (dict(image_size=28, channel_mults=(1, 2, 2), num_res_blocks=2, attention_levels=(2,)), (2, 1, 28, 28)),
     (dict(image_size=32, in_channels=3, channel_mults=(1, 2, 2, 2), attention_levels=(1,), time_injection="add"),
      (2, 3, 32, 32)),
     (dict(in_channels=3, out_channels=6, attention_levels=(), dropout=0.1), (2, 3, 8, 8)),
@@ -186,9 +186,9 @@ def test_mlp_learns_the_oracle_eps_a_bit():
     g = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
     m = td.build_model(*td.preset("toy-mlp"))
-    opt = torch.optim.Adam(m.parameters(), lr=2e-3)
-    for _ in range(300):
-        loss = td.diffusion_loss(m, s, gm.sample(256, generator=g), generator=g)
+    opt = torch.optim.Adam(m.parameters(), lr=3e-3)
+    for _ in range(200):
+        loss = td.diffusion_loss(m, s, gm.sample(128, generator=g), generator=g)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -196,8 +196,8 @@ def test_mlp_learns_the_oracle_eps_a_bit():
     with torch.no_grad():
         learned = float(td.diffusion_loss(m, s, x0, generator=torch.Generator().manual_seed(2)))
         oracle = float(td.diffusion_loss(gm.as_model(s), s, x0, generator=torch.Generator().manual_seed(2)))
-    assert oracle < learned < 0.8            # beats predicting 0 (loss 1) clearly; the oracle is the floor
-    assert learned - oracle < 0.5 * (1 - oracle)   # and closes more than half of the gap to the oracle
+    assert oracle < learned < 0.5            # beats predicting 0 (loss 1) clearly; the oracle is the floor
+    assert learned - oracle < 0.15 * (1 - oracle)  # and closes most of the gap to the oracle (measured ~0.03)
 
 
 # ------------------------------------------------------------------ registry and presets
@@ -234,6 +234,10 @@ def test_registry_and_preset_errors():
 def test_model_kind_sees_through_wrappers():
     m = small_unet()
     assert td.model_kind(m) == "unet" and td.model_kind(td.MLPDenoiser()) == "mlp"
-    assert td.model_kind(torch.compile(m)) == "unet"
+    compiled = torch.nn.Module()            # what torch.compile returns: a wrapper holding _orig_mod
+    compiled._orig_mod = m
+    ddp = torch.nn.Module()                 # what DistributedDataParallel returns: .module
+    ddp.module = compiled
+    assert td.model_kind(compiled) == "unet" and td.model_kind(ddp) == "unet"
     with pytest.raises(ValueError, match="not a registered model kind"):
         td.model_kind(torch.nn.Linear(2, 2))

@@ -176,7 +176,7 @@ def test_digit_caption_and_random_captions():
     with_adj = [c for c in caps if "thick" in c]                    # P = 0.9 · 0.5
     assert abs(len(with_adj) / n - 0.45) < 0.03
     assert not any(a in c for c in caps for a in ("thin", "slanted"))  # only attributes the image has
-    for c, y in zip(caps, labels.tolist()):
+    for c, y in zip(caps, labels.tolist(), strict=True):
         if c:
             assert DIGIT_WORDS[y] in c.split() or str(y) in c.split()
     none = random_captions(labels[:50], thick[:50], lean[:50], generator=torch.Generator(), drop_prob=0.0)

@@ -94,4 +94,22 @@ __all__ += [
 ]
 # [/solvers]
 # [latent]
+from .attention import MultiHeadAttention, SpatialTransformer, attention  # noqa: E402
+from .latent import (  # noqa: E402
+    CrossAttnUNet,
+    CrossAttnUNetConfig,
+    Text2ImgConfig,
+    TextToImage,
+    load_or_train_text2img,
+    sample_prompt,
+    train_text2img,
+)
+from .text import TextEncoder, TextEncoderConfig, Tokenizer, measure_ink, measure_slant  # noqa: E402
+from .vae import VAE, VAEConfig, train_vae  # noqa: E402
+
+__all__ += [
+    "VAE", "CrossAttnUNet", "CrossAttnUNetConfig", "MultiHeadAttention", "SpatialTransformer", "Text2ImgConfig",
+    "TextEncoder", "TextEncoderConfig", "TextToImage", "Tokenizer", "VAEConfig", "attention",
+    "load_or_train_text2img", "measure_ink", "measure_slant", "sample_prompt", "train_text2img", "train_vae",
+]
 # [/latent]

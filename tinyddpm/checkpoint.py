@@ -113,8 +113,9 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         return []
-    dirs = [p for p in run_dir.glob("step_*") if p.is_dir() and (p / "config.json").is_file()]
-    return sorted(dirs, key=lambda p: int(p.name.split("_")[1]))
+    dirs = [p for p in run_dir.glob("step_*")
+            if p.name[5:].isdigit() and p.is_dir() and (p / "config.json").is_file()]
+    return sorted(dirs, key=lambda p: int(p.name[5:]))
 
 
 def save_checkpoint(

@@ -33,7 +33,7 @@ DIGITS_TEST_SIZE = 297          # of 1,797 digits: 1,500 train / 297 test, strat
 _DIGITS_SPLIT_SEED = 20_200_619  # the split never depends on the user's seed, so "test" stays held out
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # eq=False: tensors have no single truth value; identity is equality
 class Dataset:
     """Samples ``x`` (images (N, C, H, W) in [-1, 1], or points (N, D)), optional int64 ``labels`` (N,)."""
 

@@ -43,6 +43,19 @@ from .vae import VAE, VAEConfig, train_vae
 FORMAT_VERSION = 1
 
 
+class _TimeRes(nn.Module):
+    """unet.ResBlock plus its own map e → (1 + s, b): the block scales and shifts its features by t."""
+
+    def __init__(self, in_ch: int, out_ch: int, emb_dim: int, groups: int):
+        super().__init__()
+        self.block = ResBlock(in_ch, out_ch, groups, 0.0, "scale_shift")
+        self.emb_proj = nn.Linear(emb_dim, self.block.emb_channels)
+
+    def forward(self, x: Tensor, e: Tensor) -> Tensor:
+        s, b = self.emb_proj(e)[:, :, None, None].chunk(2, dim=1)       # each (B, out, 1, 1)
+        return self.block(x, (1 + s, b))
+
+
 @dataclass(frozen=True)
 class CrossAttnUNetConfig:
     latent_channels: int = 2
@@ -69,7 +82,7 @@ class CrossAttnUNet(nn.Module):
         self.config = c = config
         C, E, g = c.channels, c.context_dim, c.groups
         emb = 4 * C
-        res = lambda i, o: ResBlock(i, o, emb, g, 0.0, "scale_shift")  # noqa: E731
+        res = lambda i, o: _TimeRes(i, o, emb, g)                      # noqa: E731
         st = lambda ch: SpatialTransformer(ch, E, c.heads, g)          # noqa: E731
         self.time_emb = TimeEmbedding(C, emb)
         self.conv_in = nn.Conv2d(c.latent_channels, C, 3, padding=1)

@@ -28,7 +28,7 @@ from .distances import energy_distance, sliced_wasserstein
 from .mixture import GaussianMixture
 
 F64 = torch.float64
-_RECIPE_VERSION = 1  # bump when the training code below changes, so stale cached weights are not reused
+_RECIPE_VERSION = 2  # bump when the training code below changes, so stale cached weights are not reused
 
 
 # --- Fréchet distance ----------------------------------------------------------------------------

@@ -20,7 +20,9 @@ class MLPDenoiser(nn.Module):
     ``self.config`` holds the constructor's arguments (JSON-able).
     """
 
-    def __init__(self, dim: int = 2, hidden: int = 128, depth: int = 3, time_dim: int = 64, num_classes: int | None = None):
+    def __init__(
+        self, dim: int = 2, hidden: int = 128, depth: int = 3, time_dim: int = 64, num_classes: int | None = None
+    ):
         super().__init__()
         dim = check_int("dim", dim, low=1)
         hidden = check_int("hidden", hidden, low=1)

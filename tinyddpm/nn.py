@@ -97,12 +97,15 @@ class ConditionEmbedding(nn.Module):
             self._check_y(y, batch)
             out = self.label_emb(y)
         elif y is not None:
-            raise ValueError("this model is unconditional (num_classes=None) but got labels y; build it with num_classes")
+            raise ValueError("this model is unconditional (num_classes=None) but got labels y; build it with "
+                             "num_classes")
         if self.context_proj is not None:
             if context is not None:
                 if not isinstance(context, Tensor) or context.shape != (batch, self.context_dim):
                     got = tuple(context.shape) if isinstance(context, Tensor) else type(context).__name__
-                    raise ValueError(f"context must have shape (B, context_dim) = ({batch}, {self.context_dim}); got {got}")
+                    raise ValueError(
+                        f"context must have shape (B, context_dim) = ({batch}, {self.context_dim}); got {got}"
+                    )
                 c = self.context_proj(context.to(self.context_proj.weight.dtype))
                 out = c if out is None else out + c
         elif context is not None:

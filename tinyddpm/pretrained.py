@@ -54,7 +54,7 @@ class Recipe:
 
 
 _DIGITS_TRAIN = TrainConfig(
-    steps=3000, batch_size=128, lr=2e-3, warmup_steps=200, lr_schedule="cosine", grad_clip=1.0, ema_decay=0.995,
+    steps=1500, batch_size=128, lr=2e-3, warmup_steps=100, lr_schedule="cosine", grad_clip=1.0, ema_decay=0.995,
     seed=0, device="cpu", log_every=100, progress=False, keep_last=1,
 )
 
@@ -67,7 +67,7 @@ RECIPES: Mapping[str, Recipe] = MappingProxyType({
         conditional=True, description="class-conditional UNet (10 % label dropout, for guidance)"),
     "toy": Recipe(
         "mixture", "toy-mlp", DiffusionConfig("linear", 1000),
-        TrainConfig(steps=3000, batch_size=256, lr=2e-3, warmup_steps=100, lr_schedule="cosine", ema_decay=0.995,
+        TrainConfig(steps=2000, batch_size=256, lr=2e-3, warmup_steps=100, lr_schedule="cosine", ema_decay=0.995,
                     seed=0, device="cpu", log_every=100, progress=False, keep_last=1),
         description="MLP on the 2-D eight-Gaussian mixture"),
 })

@@ -128,6 +128,7 @@ def ddim_timesteps(T: int, steps: int, spacing: Spacing = "trailing") -> list[in
     - ``"trailing"``: T, T - T/n, ..., T/n (rounded) — starts at the noisiest step (Lin et al. 2023).
     - ``"linspace"``: n values evenly spread over [1, T], both ends included.
     - ``"leading"``: 1, 1 + ⌊T/n⌋, ... (DDIM's original); it never reaches t = T.
+
     The sampler always steps from each selected t to the *next selected* one, then to 0.
     """
     T = check_int("T", T, low=1)

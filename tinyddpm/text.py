@@ -26,7 +26,9 @@ DIGIT_WORDS: tuple[str, ...] = ("zero", "one", "two", "three", "four", "five", "
 PHRASINGS: tuple[str, ...] = (
     "a handwritten {word}", "the digit {d}", "{d}", "number {word}", "a {word}", "{word}", "the number {d}",
 )
-ATTRIBUTE_PHRASINGS: tuple[str, ...] = ("a {adj} {word}", "a {adj} {d}", "a {adj} handwritten {word}", "the {adj} digit {d}")
+ATTRIBUTE_PHRASINGS: tuple[str, ...] = (
+    "a {adj} {word}", "a {adj} {d}", "a {adj} handwritten {word}", "the {adj} digit {d}",
+)
 ATTRIBUTE_WORDS: tuple[str, ...] = ("thick", "thin", "slanted")
 _WORD = re.compile(r"[a-z0-9]+")
 

@@ -148,7 +148,7 @@ class UNet(nn.Module):
         groups = check_int("groups", groups, low=1)
         check_choice("time_injection", time_injection, TIME_INJECTIONS)
         if not isinstance(channel_mults, (tuple, list)) or not channel_mults:
-            raise ValueError(f"channel_mults must be a non-empty sequence of ints like (1, 2, 2); got {channel_mults!r}")
+            raise ValueError(f"channel_mults must be a non-empty sequence of ints like (1, 2); got {channel_mults!r}")
         mults = [check_int("channel_mults[i]", m, low=1) for m in channel_mults]
         L = len(mults)
         attn_levels = sorted({check_int("attention_levels[i]", a) for a in attention_levels})
@@ -211,7 +211,8 @@ class UNet(nn.Module):
         offset = [torch.cat([torch.ones(b.emb_channels // 2), torch.zeros(b.emb_channels // 2)])
                   if b.scale_shift else torch.zeros(b.emb_channels) for b in blocks]
         self.register_buffer("emb_offset", torch.cat(offset), persistent=False)
-        self._emb_split = [c for b in blocks for c in ((b.emb_channels // 2,) * 2 if b.scale_shift else (b.emb_channels,))]
+        self._emb_split = [c for b in blocks
+                           for c in ((b.emb_channels // 2,) * 2 if b.scale_shift else (b.emb_channels,))]
         self._emb_per_block = 2 if time_injection == "scale_shift" else 1
 
     @property
@@ -226,7 +227,7 @@ class UNet(nn.Module):
             raise ValueError(f"x must have shape (B, {cfg['in_channels']}, H, W); got {got}")
         factor = 2 ** (self.levels - 1)
         if x.shape[2] % factor or x.shape[3] % factor:
-            raise ValueError(f"H and W must be multiples of {factor} for {self.levels} levels; got {tuple(x.shape[2:])}")
+            raise ValueError(f"H and W must be multiples of {factor} ({self.levels} levels); got {tuple(x.shape[2:])}")
         t = check_t(t, x)
         emb = self.time_emb(t)                                              # (B, 4·base)
         cond = self.cond_emb(x.shape[0], x.device, y, context)
@@ -241,16 +242,16 @@ class UNet(nn.Module):
         h = self.conv_in(x)
         hs = [h]
         for level in self.down:
-            for res, attn in zip(level.res, level.attn):
+            for res, attn in zip(level.res, level.attn, strict=True):
                 h = attn(res(h, next(es)))
                 hs.append(h)
             if level.resample is not None:
                 h = level.resample(h)
                 hs.append(h)
-        for res, attn in zip(self.mid.res, self.mid.attn):
+        for res, attn in zip(self.mid.res, self.mid.attn, strict=True):
             h = attn(res(h, next(es)))
         for level in self.up:
-            for res, attn in zip(level.res, level.attn):
+            for res, attn in zip(level.res, level.attn, strict=True):
                 h = attn(res(torch.cat([h, hs.pop()], dim=1), next(es)))
             if level.resample is not None:
                 h = level.resample(h)
