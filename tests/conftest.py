@@ -6,11 +6,21 @@ never read back from the code under test.
 
 from __future__ import annotations
 
+import os
+import tempfile
+
 import numpy as np
 import pytest
 import torch
 
 import tinyddpm as td
+
+
+def pytest_configure(config) -> None:
+    """Keep tests out of the user's ~/.cache: without $TINYDDPM_CACHE, use one temporary folder
+    for the session, so trained classifiers/models are shared between tests but never leak."""
+    if not os.environ.get("TINYDDPM_CACHE"):
+        os.environ["TINYDDPM_CACHE"] = tempfile.mkdtemp(prefix="tinyddpm-test-cache-")
 
 
 @pytest.fixture(scope="session")
