@@ -129,10 +129,22 @@ def train_flops(fn, model, device, bf16: bool, batch: int, config: dict) -> int:
     return fc.get_total_flops()
 
 
+def _rss_high_water() -> int:
+    """Peak resident memory of this process in bytes: Linux's VmHWM (per address space, so not
+    inherited from the parent across fork/exec, unlike ru_maxrss), else getrusage's ru_maxrss."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+
+
 def memory_child(which: str, config: dict, batch: int, device: str, bf16: bool) -> float:
     """Peak extra memory (MiB) of two training steps of a freshly built model (after the model exists)."""
-    import resource
-
     import psutil
     dev = torch.device(device)
     model, fn = build(which, config, dev, False)
@@ -145,11 +157,15 @@ def memory_child(which: str, config: dict, batch: int, device: str, bf16: bool) 
         step()
         sync(dev)
         return (torch.cuda.max_memory_allocated(dev) - base) / 2**20
+    try:                                     # Linux: reset the high-water mark to the current RSS
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
     base = psutil.Process().memory_info().rss
     step()
     step()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024        # Linux: KiB
-    return (peak - base) / 2**20
+    return (_rss_high_water() - base) / 2**20
 
 
 def peak_memory(which: str, config: dict, batch: int, device: str, bf16: bool, threads: int | None) -> float:

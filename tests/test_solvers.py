@@ -216,3 +216,11 @@ def test_bad_input():
         dpmpp_2m_sample(ORACLE, S, (4, 2), spacing="uniform")
     with pytest.raises(ValueError, match="model returned shape"):
         dpmpp_2m_sample(lambda x, t: x[:, :1], S, (4, 2), steps=3)
+
+
+@pytest.mark.parametrize("name", ["ddim", "euler_a", "dpmpp_2m", "plms"])
+def test_clip_x0_keeps_samples_in_range(name):
+    wide = GaussianMixture([[-3.0, 0.0], [3.0, 0.0]], [0.5, 0.5])        # data far outside [-1, 1]
+    x = sample(name, wide.as_model(S), S, (200, 2), steps=8, generator=gen(6), clip_x0=True)
+    assert float(x.abs().max()) <= 1.0 + 1e-6
+    assert float(sample(name, wide.as_model(S), S, (200, 2), steps=8, generator=gen(6)).abs().max()) > 2

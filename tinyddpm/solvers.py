@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from .checks import check_choice, check_nonneg_float
-from .samplers import Model, Spacing, _predict, _prepare, ddim_sample, ddim_timesteps, ddpm_sample
+from .samplers import Model, Spacing, _clip, _predict, _prepare, ddim_sample, ddim_timesteps, ddpm_sample
 from .schedule import NoiseSchedule, Prediction
 
 
@@ -170,6 +170,9 @@ def plms_sample(
 
     def transfer(x: Tensor, t: int, t_prev: int, eps: Tensor) -> Tensor:   # DDIM, η = 0
         x0 = (x - math.sqrt(1 - float(ab[t])) * eps) / math.sqrt(float(ab[t]))
+        if clip_x0 is not False and clip_x0 is not None:                  # as ddim_step: clip x̂_0, then ε
+            x0 = _clip(x0, clip_x0)
+            eps = (x - math.sqrt(float(ab[t])) * x0) / math.sqrt(1 - float(ab[t]))
         return math.sqrt(float(ab[t_prev])) * x0 + math.sqrt(1 - float(ab[t_prev])) * eps
 
     history: list[Tensor] = []                                          # newest first
