@@ -3,6 +3,8 @@
     tinyddpm train  --data digits --out runs/digits [--steps 4000 --batch-size 128 --resume ...]
     tinyddpm sample --ckpt runs/digits --sampler ddim --steps 50 --n 64 --out grid.png   (or .npy)
     tinyddpm eval   --ckpt runs/digits --n 1000
+    tinyddpm train  --data digits --text --out runs/t2i        (chapter 9's text-to-image pipeline)
+    tinyddpm sample --ckpt runs/t2i --prompt "a thick seven" --guidance 3 --out seven.png
 
 Multi-GPU: ``torchrun --nproc_per_node 4 -m tinyddpm.cli train ...``. A bad argument prints one
 line to stderr and exits with status 2; a diverged run exits with status 1.
@@ -21,7 +23,7 @@ import torch
 
 from .checkpoint import Checkpoint, list_checkpoints, load_checkpoint, resolve_checkpoint, sampler_kwargs
 from .config import DEVICES, PREDICTIONS, SCHEDULES, DiffusionConfig, TrainConfig
-from .train import TrainingDiverged
+from .train import TrainingDiverged, resolve_device
 
 
 class UsageError(Exception):
@@ -52,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--preset", choices=list(PRESETS), metavar="NAME",
                    help=f"model preset (default by dataset): {', '.join(PRESETS)}")
     t.add_argument("--conditional", action="store_true", help="class-conditional model (needs labels)")
+    t.add_argument("--text", action="store_true",
+                   help="text-to-image latent pipeline (VAE + text encoder + cross-attention UNet; digits only)")
     t.add_argument("--schedule", choices=SCHEDULES, help="noise schedule (default linear)")
     t.add_argument("--T", type=int, help="diffusion steps (default 1000)")
     t.add_argument("--prediction", choices=PREDICTIONS, help="what the network predicts (default eps)")
@@ -70,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     _sampling_args(s, SAMPLERS, default_n=64)
     s.add_argument("--out", required=True, help=".png (a grid) or .npy (raw samples in [-1, 1], shape (N, ...))")
     s.add_argument("--label", type=int, help="class to draw (conditional models; default: unconditional)")
+    s.add_argument("--prompt", help='text prompt, e.g. "a thick seven" (text-to-image pipelines from train --text)')
     s.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance weight w (default 1)")
 
     e = sub.add_parser("eval", help="sample and print quality metrics beside their real-vs-real floors")
@@ -91,6 +96,28 @@ def _sampling_args(p: argparse.ArgumentParser, samplers, default_n: int) -> None
 
 
 # ----------------------------------------------------------------------------- commands
+def _train_text(a: argparse.Namespace, out: Path) -> int:
+    """``train --text``: the chapter-9 pipeline, written to ``out`` (pipeline.json + safetensors)."""
+    from dataclasses import replace
+
+    from .data import load_dataset
+    from .latent import Text2ImgConfig, train_text2img
+
+    if a.data != "digits" or a.conditional or a.resume or a.preset:
+        raise UsageError("--text trains the digits text-to-image pipeline: use --data digits, "
+                         "without --conditional, --preset or --resume")
+    if out.exists() and any(out.iterdir()):
+        raise UsageError(f"--out {out} is not empty; choose a new directory for the pipeline")
+    cfg = Text2ImgConfig()
+    cfg = replace(cfg, **{k: v for k, v in dict(steps=a.steps, batch_size=a.batch_size, lr=a.lr, seed=a.seed).items()
+                          if v is not None})
+    pipe = train_text2img(load_dataset("digits", split="train"), cfg, device=resolve_device(a.device or "auto"))
+    pipe.save(out)
+    print(f"wrote the text-to-image pipeline to {out}; try: "
+          f"tinyddpm sample --ckpt {out} --prompt \"a seven\" --guidance 3 --out seven.png")
+    return 0
+
+
 def _train(a: argparse.Namespace) -> int:
     from .data import load_dataset
     from .models import build_model, preset
@@ -100,6 +127,8 @@ def _train(a: argparse.Namespace) -> int:
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} exists and is not a directory")
     _check_writable(out)
+    if a.text:
+        return _train_text(a, out)
     has_run = bool(list_checkpoints(out))
     if has_run and not a.resume:
         raise UsageError(f"--out {out} already holds a run; pass --resume to continue it or choose another --out")
@@ -173,6 +202,9 @@ def _sample(a: argparse.Namespace) -> int:
     if out.is_dir():
         raise UsageError(f"--out {out} is a directory; give a file name ending in .png or .npy")
     _check_writable(out)
+    is_pipeline = (Path(a.ckpt) / "pipeline.json").is_file()
+    if a.prompt is not None or is_pipeline:
+        return _sample_prompt(a, out, is_pipeline)
     ckpt = _load(a)
     chunks = ckpt.sample_chunks(a.n, sampler=a.sampler, steps=a.steps, eta=a.eta, seed=a.seed,
                                 batch_size=a.batch_size, y=a.label, guidance=a.guidance)
@@ -197,6 +229,32 @@ def _sample(a: argparse.Namespace) -> int:
     return 0
 
 
+def _sample_prompt(a: argparse.Namespace, out: Path, is_pipeline: bool) -> int:
+    """``sample --prompt``: text-to-image pipelines only (see ``train --text``)."""
+    from .latent import sample_prompt
+
+    if not is_pipeline:
+        raise UsageError(f"--prompt needs a text-to-image pipeline (made by train --text); {a.ckpt} is not one"
+                         if Path(a.ckpt).exists() else f"--ckpt {a.ckpt} does not exist")
+    if a.prompt is None:
+        raise UsageError(f"{a.ckpt} is a text-to-image pipeline: give --prompt \"...\"")
+    if a.label is not None:
+        raise UsageError("--label is for class-conditional checkpoints; a text pipeline takes --prompt")
+    if a.n < 1:
+        raise UsageError(f"--n must be >= 1; got {a.n}")
+    x = sample_prompt(a.ckpt, a.prompt, n=a.n, guidance=a.guidance, steps=a.steps or 50, seed=a.seed,
+                      sampler=a.sampler, device="cpu" if a.device == "auto" else a.device)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.suffix == ".npy":
+        np.save(out, x.numpy().astype(np.float32))
+    else:
+        from .images import save_grid
+
+        save_grid(x, out)
+    print(f"wrote {a.n} samples for {a.prompt!r} (guidance {a.guidance}) to {out}")
+    return 0
+
+
 def _scatter(x: torch.Tensor, path: Path) -> None:
     import matplotlib
 
@@ -211,7 +269,7 @@ def _scatter(x: torch.Tensor, path: Path) -> None:
 
 def _eval(a: argparse.Namespace) -> int:
     from . import metrics
-    from .data import load_dataset
+    from .data import load_dataset, toy_mixture
 
     ckpt = _load(a)
     name = ckpt.data.get("name")
@@ -222,8 +280,10 @@ def _eval(a: argparse.Namespace) -> int:
                                           batch_size=a.batch_size, y=labels)))
     if name == "digits":
         result = metrics.digits_metrics(x, labels)
-    elif x.ndim == 2 and name in ("mixture", "moons", "swiss_roll"):
-        result = metrics.toy_metrics(x, load_dataset(name, split="test", n=max(a.n, 2000)).x)
+    elif x.ndim == 2 and name == "mixture":  # the exact mixture: adds log-likelihood and weights
+        result = metrics.toy_metrics(x, toy_mixture())
+    elif x.ndim == 2 and name in ("moons", "swiss_roll"):  # toy_metrics halves the reference pool
+        result = metrics.toy_metrics(x, load_dataset(name, split="test", n=2 * max(a.n, 1000)).x)
     else:
         raise UsageError(f"eval knows digits and the 2-D toy sets; this checkpoint was trained on {name!r}")
     print(f"{ckpt.path} ({a.sampler}, steps={a.steps or 50}, n={a.n}, seed={a.seed})")

@@ -53,18 +53,23 @@ class Recipe:
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:10]
 
 
+# Measured on a 2-core CPU (1 thread, CPU-seconds; see the table in the lead's notes): a 0.18 M-parameter
+# UNet (16 base channels, no attention at 8×8) trained for 1,400 steps of 128 digits beats the 0.76 M
+# preset trained for 1,500 steps at under half the cost.
 _DIGITS_TRAIN = TrainConfig(
-    steps=1500, batch_size=128, lr=2e-3, warmup_steps=100, lr_schedule="cosine", grad_clip=1.0, ema_decay=0.995,
+    steps=1400, batch_size=128, lr=2e-3, warmup_steps=100, lr_schedule="cosine", grad_clip=1.0, ema_decay=0.995,
     seed=0, device="cpu", log_every=100, progress=False, keep_last=1,
 )
+_DIGITS_MODEL: Mapping[str, Any] = MappingProxyType({"base_channels": 16, "attention_levels": ()})
 
 RECIPES: Mapping[str, Recipe] = MappingProxyType({
     "digits": Recipe(
-        "digits", "digits-tiny", DiffusionConfig("cosine", 1000), _DIGITS_TRAIN,
+        "digits", "digits-tiny", DiffusionConfig("cosine", 1000), _DIGITS_TRAIN, model_overrides=_DIGITS_MODEL,
         description="unconditional UNet on the 1,500 8×8 training digits"),
     "digits-cond": Recipe(
         "digits", "digits-tiny", DiffusionConfig("cosine", 1000), _DIGITS_TRAIN.replace(label_dropout=0.1),
-        conditional=True, description="class-conditional UNet (10 % label dropout, for guidance)"),
+        model_overrides=_DIGITS_MODEL, conditional=True,
+        description="class-conditional UNet (10 % label dropout, for guidance)"),
     "toy": Recipe(
         "mixture", "toy-mlp", DiffusionConfig("linear", 1000),
         TrainConfig(steps=2000, batch_size=256, lr=2e-3, warmup_steps=100, lr_schedule="cosine", ema_decay=0.995,
