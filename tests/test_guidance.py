@@ -111,8 +111,10 @@ def test_bad_input():
         guided_model(COND, 0, -1.0, num_classes=2)
     with pytest.raises(ValueError, match="guidance scale w must be a finite number >= 0"):
         guided_model(COND, 0, float("inf"), num_classes=2)
-    with pytest.raises(ValueError, match=r"labels must lie in \[0, 1\]"):
+    with pytest.raises(ValueError, match=r"null label 2 \(class labels lie in \[0, 1\]\).*pass w = 0"):
         guided_model(COND, 2, 3.0, num_classes=2)(xt, t)
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 1\]"):
+        guided_model(COND, 3, 3.0, num_classes=2)(xt, t)
     with pytest.raises(ValueError, match=r"labels must lie in \[0, 1\]"):
         guided_model(COND, torch.tensor([0, 1, -1, 0]), 3.0, num_classes=2)(xt, t)
     with pytest.raises(ValueError, match="got 3 labels for a batch of 4"):

