@@ -19,14 +19,6 @@ from tinyddpm.train import Trainer
 DIFF = DiffusionConfig(T=40)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def make_trainer(out, num_classes=None, **kw) -> Trainer:
     torch.manual_seed(0)
     model = build_model("mlp", dict(dim=2, hidden=16, depth=1, time_dim=8, num_classes=num_classes))

@@ -8,20 +8,11 @@ import sys
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 import tinyddpm.cli as cli
 from tinyddpm.checkpoint import load_checkpoint
 from tinyddpm.cli import main
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

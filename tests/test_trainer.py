@@ -18,15 +18,6 @@ from tinyddpm.train import Trainer, TrainingDiverged, config_differences
 DIFF = DiffusionConfig(T=50)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models on a shared 2-core machine: one thread avoids OpenMP oversubscription (10x faster).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def mixture() -> Dataset:
     return load_dataset("mixture", n=512, seed=3)
