@@ -67,7 +67,7 @@ class _Config:
 
 @dataclass(frozen=True)
 class DiffusionConfig(_Config):
-    """The forward process: a named β schedule (eqs. eq-schedule-*), T steps, what the network predicts.
+    """The forward process: a named β schedule (eqs. ``eq-schedule-*``), T steps, what the network predicts.
 
     ``zero_terminal_snr`` rescales the schedule so that ᾱ_T = 0 (eq. eq-zero-snr); pair it with
     ``prediction="v"`` (an ε-network cannot recover x_0 from pure noise).

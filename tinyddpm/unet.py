@@ -1,7 +1,7 @@
 """The UNet denoiser ε_θ(x_t, t, y) of DDPM (Ho et al. 2020, App. B), small and configurable.
 
 Layout (one "level" per entry of ``channel_mults``; level i works at ``image_size / 2**i`` with
-``base_channels * channel_mults[i]`` channels):
+``base_channels * channel_mults[i]`` channels)::
 
     x ─ conv_in ─ [ResBlock (+Attention)] × num_res_blocks ─ Downsample ─ ... ─┐  (every output kept)
                                                                    Res, Attn, Res (middle)
