@@ -67,14 +67,3 @@ def gm2() -> td.GaussianMixture:
         [[0.2, 0.2], [0.15, 0.3], [0.25, 0.25]],
         [0.5, 0.3, 0.2],
     )
-
-
-@pytest.fixture
-def single_thread():
-    """Run a test on one intra-op thread, then restore. The oracle samplers do ~10^4 tiny tensor ops;
-    on a loaded 2-core machine two threads per op made them ~10x slower (76 s vs 7.7 s for one
-    DDPM run, measured side by side)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)

@@ -13,7 +13,6 @@ import pytest
 import torch
 
 F64 = torch.float64
-pytestmark = pytest.mark.usefixtures("single_thread")
 TS = [1, 10, 250, 500, 1000]
 
 

@@ -13,7 +13,6 @@ from torch import distributions as D
 import tinyddpm as td
 
 F64 = torch.float64
-pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _scipy_log_prob(gm: td.GaussianMixture, x: np.ndarray, means, stds, weights) -> np.ndarray:

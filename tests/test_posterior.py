@@ -9,7 +9,6 @@ import pytest
 import torch
 
 F64 = torch.float64
-pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _bayes_on_grid(x0: float, xt: float, t: int, betas: np.ndarray, n: int = 40_001) -> tuple[float, float]:

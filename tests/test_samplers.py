@@ -14,7 +14,6 @@ import tinyddpm as td
 import tinyddpm.samplers as samplers
 
 F64 = torch.float64
-pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _ab(s: td.NoiseSchedule) -> np.ndarray:
@@ -315,3 +314,18 @@ def test_ddim_error_falls_with_steps(oracle_refs, linear, mix):
           / ref["floor"] for n in (2, 5, 10, 50)}
     assert ed[2] > ed[5] > ed[10] > ed[50], ed
     assert ed[2] > 100 and ed[50] <= 6, ed
+
+
+def test_sampling_loops_never_read_values_back_from_the_device(linear):
+    """On the meta device every value read (.item(), a bool of a tensor, indexing a CPU array with a
+    device index) raises, so this is what a CUDA run would synchronise on at every step."""
+    zeros = lambda x, t: torch.zeros_like(x)  # noqa: E731
+    for name in td.SAMPLERS:
+        kwargs = {} if name == "ddpm" else {"steps": 5}
+        if name == "ddim":
+            kwargs["eta"] = 1.0
+        x = td.sample(name, zeros, linear, (3, 1, 4, 4), device="meta", clip_x0=True, **kwargs)
+        assert x.device.type == "meta" and x.shape == (3, 1, 4, 4), name
+    with pytest.raises(RuntimeError):  # the check has teeth: validating a device tensor reads it back
+        td.ddim_step(linear, torch.zeros(3, 2, device="meta"), torch.full((3,), 5, device="meta"), 2,
+                     torch.zeros(3, 2, device="meta"))

@@ -52,11 +52,11 @@ class EMA:
         params = list(model.parameters())
         if len(ema_params) != len(params):
             raise ValueError("EMA.update: the model does not have the parameters of the averaged one")
-        for p_ema, p in zip(ema_params, params, strict=True):
-            if d == 0.0:
-                p_ema.copy_(p.detach())
-            else:
-                p_ema.lerp_(p.detach().to(p_ema.dtype), 1.0 - d)  # θ̄ + (1-d)(θ - θ̄) = dθ̄ + (1-d)θ
+        src = [p.detach().to(q.dtype) for q, p in zip(ema_params, params, strict=True)]
+        if d == 0.0:
+            torch._foreach_copy_(ema_params, src)
+        else:
+            torch._foreach_lerp_(ema_params, src, 1.0 - d)  # θ̄ + (1-d)(θ - θ̄) = dθ̄ + (1-d)θ, all tensors at once
         for b_ema, b in zip(self.model.buffers(), model.buffers(), strict=True):
             b_ema.copy_(b)
         self.num_updates += 1

@@ -72,9 +72,15 @@ def ddpm_step(
     return ddpm_step_x0(s, xt, t, x0, noise, variance)
 
 
-def ddim_sigma(s: NoiseSchedule, t: Tensor, t_prev: Tensor, eta: float) -> Tensor:
+def _on(a: Tensor, t: int | Tensor) -> Tensor:
+    """The schedule array ``a`` on the device of the index ``t`` (a no-op for ints and CPU timesteps)."""
+    return a if not isinstance(t, Tensor) or a.device == t.device else a.to(t.device)
+
+
+def ddim_sigma(s: NoiseSchedule, t: int | Tensor, t_prev: int | Tensor, eta: float) -> Tensor:
     """σ_t(η) = η √((1-ᾱ_prev)/(1-ᾱ_t)) √(1 - ᾱ_t/ᾱ_prev), DDIM eq. 16 — (eq-ddim-sigma)."""
-    ab, ab_prev = s.alpha_bars[t], s.alpha_bars[t_prev]
+    a = _on(s.alpha_bars, t)
+    ab, ab_prev = a[t], a[t_prev]
     return eta * ((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev)).clamp(min=0).sqrt()
 
 
@@ -99,12 +105,14 @@ def ddim_step_x0_eps(
     sigma = ddim_sigma(s, t, t_prev, eta)                                   # float64, per sample
     if eta > 0 and noise is None and bool((sigma > 0).any()):
         raise ValueError("ddim_step with eta > 0 needs a noise tensor (pass noise=torch.randn_like(x_t))")
-    ab_prev = s.alpha_bars
+    ab_prev = _on(s.alpha_bars, t)[t_prev]
     # 1. the x_0 direction, 2. the direction pointing to x_t, 3. fresh noise
-    dir_coef = (1 - ab_prev[t_prev] - sigma**2).clamp(min=0).sqrt()
-    shape = (-1,) + (1,) * (xt.ndim - 1) if t.ndim else ()
-    cast = lambda v: v.to(device=xt.device, dtype=xt.dtype).reshape(shape)  # noqa: E731
-    x_prev = cast(ab_prev[t_prev].sqrt()) * x0 + cast(dir_coef) * eps
+    dir_coef = (1 - ab_prev - sigma**2).clamp(min=0).sqrt()
+    if t.ndim:  # per-sample coefficients, shaped (B, 1, ..., 1), on x's device
+        cast = lambda v: v.to(device=xt.device, dtype=xt.dtype).reshape((-1,) + (1,) * (xt.ndim - 1))  # noqa: E731
+    else:       # one scalar: stays where t is (a CPU scalar multiplies a tensor on any device without a copy)
+        cast = lambda v: v.to(dtype=xt.dtype)  # noqa: E731
+    x_prev = cast(ab_prev.sqrt()) * x0 + cast(dir_coef) * eps
     if noise is not None and eta > 0:
         check_same_shape(xt=xt, noise=noise)
         x_prev = x_prev + cast(sigma) * noise
@@ -159,16 +167,21 @@ def _prepare(
 
 
 def _predict(model: Model, s: NoiseSchedule, x: Tensor, t: int, prediction: Prediction, clip_x0):
+    """The model's x̂_0 and ε̂ at the integer step t.
+
+    Only the model sees a device tensor of timesteps; the schedule's coefficients are taken at the
+    Python int t (CPU scalars), so a sampling loop never reads a value back from the GPU.
+    """
     tt = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
     out = model(x, tt)
     if not isinstance(out, Tensor):
         raise TypeError(f"model must return a torch.Tensor shaped like x_t; got {type(out).__name__}")
     if out.shape != x.shape:
         raise ValueError(f"model returned shape {tuple(out.shape)} for input {tuple(x.shape)}; expected the same shape")
-    x0, eps = s.predict_x0_eps(x, tt, out.to(x.dtype), prediction)
+    x0, eps = s.predict_x0_eps(x, t, out.to(x.dtype), prediction)
     if clip_x0 is not False and clip_x0 is not None:
         x0 = _clip(x0, clip_x0)
-        eps = s.eps_from_x0(x, tt, x0)
+        eps = s.eps_from_x0(x, t, x0)
     return tt, x0, eps
 
 
@@ -187,9 +200,9 @@ def ddpm_sample(
     x, _ = _prepare(model, shape, generator, device)
     traj = [x.cpu()] if return_trajectory else None
     for t in range(s.T, 0, -1):
-        tt, x0, _ = _predict(model, s, x, t, prediction, clip_x0)        # 1. predict ε, hence x̂_0
+        _, x0, _ = _predict(model, s, x, t, prediction, clip_x0)         # 1. predict ε, hence x̂_0
         z = torch.randn(x.shape, generator=generator, device=x.device) if t > 1 else None  # 2. z
-        x = ddpm_step_x0(s, x, tt, x0, z, variance)                      # 3. x_{t-1}
+        x = ddpm_step_x0(s, x, t, x0, z, variance)                       # 3. x_{t-1}
         if traj is not None:
             traj.append(x.cpu())
     return (x, traj) if traj is not None else x
@@ -215,9 +228,9 @@ def ddim_sample(
         x = x_T.to(x.device)
     traj = [x.cpu()] if return_trajectory else None
     for t, t_prev in zip(ts, ts[1:] + [0], strict=True):
-        tt, x0, eps = _predict(model, s, x, t, prediction, clip_x0)
+        _, x0, eps = _predict(model, s, x, t, prediction, clip_x0)
         z = torch.randn(x.shape, generator=generator, device=x.device) if eta > 0 and t_prev > 0 else None
-        x = ddim_step_x0_eps(s, x, tt, torch.full_like(tt, t_prev), x0, eps, eta, z)
+        x = ddim_step_x0_eps(s, x, t, t_prev, x0, eps, eta, z)
         if traj is not None:
             traj.append(x.cpu())
     return (x, traj) if traj is not None else x

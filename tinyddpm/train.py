@@ -153,7 +153,9 @@ class Trainer:
 
             ids = [self.device.index] if self.device.type == "cuda" else None
             self._net = DistributedDataParallel(self.model, device_ids=ids)
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        # fused: one kernel for all parameters (CPU and CUDA); the per-parameter loop costs ~8 % of a small step
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay,
+                                           fused=self.device.type in ("cpu", "cuda"))
         self.ema = EMA(self.model, config.ema_decay, start=config.ema_start, warmup=config.ema_warmup)
         self.step = 0
         self.batch_gen = torch.Generator().manual_seed(config.seed)
