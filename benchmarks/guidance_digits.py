@@ -28,14 +28,6 @@ import torch
 import tinyddpm as td
 
 
-def within_class_diversity(clf: td.DigitsClassifier, x: torch.Tensor, labels: torch.Tensor) -> float:
-    """Mean over classes of the mean pairwise L2 distance between classifier features within a class."""
-    with torch.no_grad():
-        f = clf.features(x.clamp(-1, 1)).double()
-    classes = labels.unique().tolist()
-    return sum(float(torch.pdist(f[labels == k]).mean()) for k in classes) / len(classes)
-
-
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--per-class", type=int, default=100, help="samples per digit and per w (default 100)")
@@ -62,7 +54,7 @@ def main(argv: list[str] | None = None) -> None:
 
     labels = torch.arange(10).repeat_interleave(a.per_class)
     test = td.load_dataset("digits", split="test")
-    div_real = within_class_diversity(clf, test.x, test.labels)
+    div_real = td.within_class_diversity(test.x, test.labels, classifier=clf)
     ws = list(dict.fromkeys([*a.w, a.default_w]))
     results, floors = {}, None
     for w in ws:
@@ -70,7 +62,7 @@ def main(argv: list[str] | None = None) -> None:
         x = ckpt.sample(len(labels), y=labels, guidance=w, sampler=a.sampler, steps=a.steps, seed=a.seed,
                         batch_size=a.batch_size)
         m = td.digits_metrics(x, labels, classifier=clf)
-        m["diversity"] = within_class_diversity(clf, x, labels)
+        m["diversity"] = td.within_class_diversity(x, labels, classifier=clf)
         m["seconds"] = time.time() - t1
         results[w] = m
         floors = m

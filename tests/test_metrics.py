@@ -217,3 +217,27 @@ def test_format_metrics():
     text = format_metrics({"n": 10, "log_likelihood": -2.345, "log_likelihood_real": -2.3, "per_class": [1.0, 0.5]},
                           sep="; ")
     assert text == "n 10; log_likelihood -2.35 (real data -2.3); per_class [1 0.5]"
+
+
+def test_within_class_diversity_is_the_mean_of_per_class_mean_pairwise_distances():
+    class Flatten:  # stands in for the classifier: features = the pixels themselves
+        def features(self, x):
+            return x.flatten(1)
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(7, 1, 8, 8, generator=g) * 2 - 1
+    y = torch.tensor([0, 0, 0, 4, 4, 4, 4])
+    # by hand: every unordered pair within a class, in numpy
+    f = x.flatten(1).double().numpy()
+
+    def mean_pair(idx):
+        d = [np.linalg.norm(f[i] - f[j]) for a, i in enumerate(idx) for j in idx[a + 1:]]
+        return sum(d) / len(d)
+    expected = (mean_pair([0, 1, 2]) + mean_pair([3, 4, 5, 6])) / 2
+    assert M.within_class_diversity(x, y, classifier=Flatten()) == pytest.approx(expected, rel=1e-12)
+    # identical samples have no diversity; more spread means more
+    assert M.within_class_diversity(x[:1].expand(4, 1, 8, 8), torch.tensor([1, 1, 2, 2]), classifier=Flatten()) == 0
+    with pytest.raises(ValueError, match="at least two samples"):
+        M.within_class_diversity(x[:3], torch.tensor([0, 0, 1]), classifier=Flatten())
+    with pytest.raises(ValueError, match="one label per sample"):
+        M.within_class_diversity(x, y[:3], classifier=Flatten())

@@ -20,7 +20,15 @@ from .latent import (
     train_text2img,
 )
 from .losses import diffusion_loss, diffusion_loss_at, min_snr_weight, sample_timesteps
-from .metrics import DigitsClassifier, digits_classifier, digits_metrics, format_metrics, frechet_distance, toy_metrics
+from .metrics import (
+    DigitsClassifier,
+    digits_classifier,
+    digits_metrics,
+    format_metrics,
+    frechet_distance,
+    toy_metrics,
+    within_class_diversity,
+)
 from .mixture import GaussianMixture
 from .mlp import MLPDenoiser
 from .models import MODEL_KINDS, PRESETS, build_model, count_parameters, model_kind, preset
@@ -123,4 +131,5 @@ __all__ = [
     "UNet",
     "VAE",
     "VAEConfig",
+    "within_class_diversity",
 ]

@@ -287,6 +287,27 @@ def digits_metrics(samples: Tensor, labels: Tensor | None = None, *, classifier:
     return out
 
 
+def within_class_diversity(samples: Tensor, labels: Tensor, *, classifier: DigitsClassifier | None = None) -> float:
+    """Mean over the classes present of the mean pairwise L2 distance between classifier features.
+
+    The spread that guidance trades for accuracy (chapter 8): samples (N, 1, 8, 8) in [-1, 1] with
+    their labels (N,); every class present needs at least two samples. Compare with the same number
+    on real digits, e.g. ``within_class_diversity(test.x, test.labels)``.
+    """
+    if not isinstance(labels, Tensor) or labels.ndim != 1 or labels.is_floating_point() \
+            or not isinstance(samples, Tensor) or samples.shape[0] != labels.shape[0]:
+        raise ValueError("labels must be an integer tensor (N,) with one label per sample")
+    classes, counts = labels.unique(return_counts=True)
+    if (counts < 2).any():
+        few = {k: n for k, n in zip(classes.tolist(), counts.tolist(), strict=True) if n < 2}
+        raise ValueError(f"every class needs at least two samples; these have fewer (class: count): {few}")
+    clf = digits_classifier() if classifier is None else classifier
+    with torch.no_grad():
+        f = clf.features(samples.detach().float().clamp(-1, 1)).double().cpu()
+    labels = labels.cpu()
+    return sum(float(torch.pdist(f[labels == k]).mean()) for k in classes.tolist()) / len(classes)
+
+
 def toy_metrics(samples: Tensor, reference: Tensor | Dataset | GaussianMixture, seed: int = 0,
                 n_projections: int = 256) -> dict:
     """Quality of 2-D samples (N, D) against a reference law, each beside its real-vs-real floor.

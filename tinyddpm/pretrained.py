@@ -55,9 +55,9 @@ class Recipe:
 
 # Sized for ≤ 3 CPU-minutes of training (one thread): a 0.18 M-parameter UNet (16 base channels, no
 # attention at 8×8), 2,400 steps of 64 digits at lr 4e-3, ε-prediction with min-SNR-5 weighting.
-# Measured with benchmarks/digits_recipe.py (1,000 DDIM-50 samples; real test digits: 92.3 % confident,
-# FD floor 2.13): η = 0 79 % confident, FD 6.5; η = 1 85 %, FD 4.4. Smaller steps beat a bigger model at
-# this budget; the sweep behind this choice is in benchmarks/README.md.
+# Measured with benchmarks/digits_recipe.py (154 CPU-s; 1,000 DDIM-50 samples; real test digits: 92.3 %
+# confident, FD floor 2.13): η = 0 77 % confident, FD 5.9; η = 1 83 %, FD 4.1. More, smaller steps beat a
+# bigger model at this budget; the sweep behind this choice is in benchmarks/README.md.
 _DIGITS_TRAIN = TrainConfig(
     steps=2400, batch_size=64, lr=4e-3, warmup_steps=100, lr_schedule="cosine", grad_clip=1.0, ema_decay=0.995,
     weighting="min_snr", seed=0, device="cpu", log_every=100, progress=False, keep_last=1,
