@@ -4,11 +4,13 @@ Trains ``RECIPES[--recipe]`` with any settings changed by ``--set`` (``train.*``
 or ``preset``), timing the training (wall clock and this process's CPU time, all threads), then draws
 ``--n`` samples with DDIM (η = 0, ``--steps`` steps, x̂_0 clipped, a fixed seed) and prints the digits
 metrics beside their real-vs-real floors (chapter 5): the fraction of samples the classifier labels
-with confidence ≥ 0.9 (real test digits: 0.923) and the Fréchet distance of its features.
+with confidence ≥ 0.9 (real test digits: 0.923) and the Fréchet distance of its features. A conditional
+recipe ("digits-cond") asks for 100 of each digit at every classifier-free guidance weight ``--guidance``.
 
     python benchmarks/digits_recipe.py --threads 1                           # the shipped "digits" recipe
     python benchmarks/digits_recipe.py --threads 1 --set diffusion.prediction=v train.steps=2000
     python benchmarks/digits_recipe.py --threads 1 --set preset=digits-tiny model.base_channels=32
+    python benchmarks/digits_recipe.py --threads 1 --recipe digits-cond --eta 0 --guidance 1 2
 
 One JSON line per run is appended to ``--log`` (default: none) so that a sweep can be tabulated later.
 """
@@ -72,6 +74,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50)")
     p.add_argument("--eta", type=float, nargs="+", default=[0.0, 1.0], help="DDIM η values to measure (default 0 1)")
     p.add_argument("--seed", type=int, default=123, help="sampling seed (default 123)")
+    p.add_argument("--guidance", type=float, nargs="+", default=[1.0, 2.0],
+                   help="classifier-free guidance weights for a conditional recipe (default 1 2)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--log", default=None, help="append one JSON line with the settings and results")
     p.add_argument("--keep", default=None, help="train into this directory (kept) instead of a temporary one")
@@ -92,14 +96,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               "train_wall_s": round(wall, 1), "train_cpu_s": round(cpu, 1), "ddim_steps": a.steps, "n": a.n}
     print(f"{a.recipe} {' '.join(a.set) or '(as shipped)'}: {params:,} params, trained in {wall:.0f} s wall / "
           f"{cpu:.0f} s CPU on {result['threads']} thread(s)")
-    for eta in a.eta:
-        x = td.ddim_sample(ckpt.denoiser(y=labels), ckpt.schedule, (a.n, 1, 8, 8), steps=a.steps, eta=eta,
-                           clip_x0=True, prediction=recipe.diffusion.prediction,
-                           generator=torch.Generator().manual_seed(a.seed))
-        m = td.digits_metrics(x, labels)
-        result[f"eta={eta:g}"] = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in m.items()
-                                  if k != "per_class_accuracy"}
-        print(f"DDIM-{a.steps}, η = {eta:g}: " + td.format_metrics(m, sep="; "))
+    for w in a.guidance if recipe.conditional else [None]:
+        for eta in a.eta:
+            model = ckpt.denoiser() if w is None else ckpt.denoiser(y=labels, guidance=w)
+            x = td.ddim_sample(model, ckpt.schedule, (a.n, 1, 8, 8), steps=a.steps, eta=eta, clip_x0=True,
+                               prediction=recipe.diffusion.prediction, generator=torch.Generator().manual_seed(a.seed))
+            m = td.digits_metrics(x, labels)
+            key = f"eta={eta:g}" + ("" if w is None else f",w={w:g}")
+            result[key] = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in m.items()
+                           if k != "per_class_accuracy"}
+            print(f"DDIM-{a.steps}, η = {eta:g}" + ("" if w is None else f", guidance w = {w:g}") + ": "
+                  + td.format_metrics(m, sep="; "))
     if a.log:
         with open(a.log, "a", encoding="utf-8") as f:
             f.write(json.dumps(result) + "\n")
