@@ -129,6 +129,20 @@ def train_flops(fn, model, device, bf16: bool, batch: int, config: dict) -> int:
     return fc.get_total_flops()
 
 
+def conv_share(step, n: int = 5) -> float:
+    """Fraction of a training step's CPU time (torch.profiler, self time over ``n`` steps) spent in
+    convolution kernels, forward and backward: the part that is identical in both networks."""
+    from torch.profiler import profile
+
+    with profile() as prof:
+        for _ in range(n):
+            step()
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    conv = sum(e.self_cpu_time_total for e in events if "convolution" in e.key)
+    return conv / total
+
+
 def _rss_high_water() -> int:
     """Peak resident memory of this process in bytes: Linux's VmHWM (per address space, so not
     inherited from the parent across fork/exec, unlike ru_maxrss), else getrusage's ru_maxrss."""
@@ -230,6 +244,10 @@ def main(argv: list[str] | None = None) -> None:
     ratio = statistics.median(b / x for x, b in zip(ta, tb, strict=True))
     print(f"(a) train step, batch {a.batch}: tinyddpm {ips(ta):.1f} img/s, diffusers {ips(tb):.1f} img/s; "
           f"speed-up (median of {a.rounds} ABAB ratios) {ratio:.2f}x")
+    if device.type == "cpu" and not a.compile:
+        c_ours, c_theirs = conv_share(step_ours), conv_share(step_theirs)
+        print(f"    share of the step in convolutions (same kernels, same FLOPs in both): tinyddpm {c_ours:.0%}, "
+              f"diffusers {c_theirs:.0%}; so at most {1 / c_theirs:.2f}x even if all else in ours were free")
     flops = train_flops(ours, ours, device, a.bf16, a.batch, config)
     flops_d = train_flops(lambda x, t: theirs(x, t).sample, theirs, device, a.bf16, a.batch, config)
     per_s = flops * a.steps / statistics.median(ta)

@@ -96,12 +96,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               "train_wall_s": round(wall, 1), "train_cpu_s": round(cpu, 1), "ddim_steps": a.steps, "n": a.n}
     print(f"{a.recipe} {' '.join(a.set) or '(as shipped)'}: {params:,} params, trained in {wall:.0f} s wall / "
           f"{cpu:.0f} s CPU on {result['threads']} thread(s)")
+    clf = td.digits_classifier()
     for w in a.guidance if recipe.conditional else [None]:
-        for eta in a.eta:
-            model = ckpt.denoiser() if w is None else ckpt.denoiser(y=labels, guidance=w)
-            x = td.ddim_sample(model, ckpt.schedule, (a.n, 1, 8, 8), steps=a.steps, eta=eta, clip_x0=True,
-                               prediction=recipe.diffusion.prediction, generator=torch.Generator().manual_seed(a.seed))
-            m = td.digits_metrics(x, labels)
+        for eta in a.eta:  # one chunk with a fresh generator: every (w, η) starts from the same noise
+            x = ckpt.sample(a.n, sampler="ddim", steps=a.steps, eta=eta, seed=a.seed, batch_size=a.n, y=labels,
+                            guidance=1.0 if w is None else w)
+            m = td.digits_metrics(x, labels, classifier=clf)
             key = f"eta={eta:g}" + ("" if w is None else f",w={w:g}")
             result[key] = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in m.items()
                            if k != "per_class_accuracy"}

@@ -235,8 +235,9 @@ def test_within_class_diversity_is_the_mean_of_per_class_mean_pairwise_distances
         return sum(d) / len(d)
     expected = (mean_pair([0, 1, 2]) + mean_pair([3, 4, 5, 6])) / 2
     assert M.within_class_diversity(x, y, classifier=Flatten()) == pytest.approx(expected, rel=1e-12)
-    # identical samples have no diversity; more spread means more
+    # identical samples have no diversity; half the spread (images stay in [-1, 1]) is half the diversity
     assert M.within_class_diversity(x[:1].expand(4, 1, 8, 8), torch.tensor([1, 1, 2, 2]), classifier=Flatten()) == 0
+    assert M.within_class_diversity(0.5 * x, y, classifier=Flatten()) == pytest.approx(0.5 * expected, rel=1e-12)
     with pytest.raises(ValueError, match="at least two samples"):
         M.within_class_diversity(x[:3], torch.tensor([0, 0, 1]), classifier=Flatten())
     with pytest.raises(ValueError, match="one label per sample"):

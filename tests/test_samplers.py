@@ -317,8 +317,9 @@ def test_ddim_error_falls_with_steps(oracle_refs, linear, mix):
 
 
 def test_sampling_loops_never_read_values_back_from_the_device(linear):
-    """On the meta device every value read (.item(), a bool of a tensor, indexing a CPU array with a
-    device index) raises, so this is what a CUDA run would synchronise on at every step."""
+    """On the meta device every read of a value (.item(), bool() of a tensor, int(t.min())) raises: those
+    are the host syncs a CUDA run would pay at every step. (Meta does not catch indexing a CPU array with
+    a device index, which CUDA refuses; the loops avoid it by passing Python ints.)"""
     zeros = lambda x, t: torch.zeros_like(x)  # noqa: E731
     for name in td.SAMPLERS:
         kwargs = {} if name == "ddpm" else {"steps": 5}

@@ -77,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--prompt", help='text prompt, e.g. "a thick seven" (text-to-image pipelines from train --text)')
     s.add_argument("--guidance", type=float,
                    help="classifier-free guidance weight w (eq-cfg; 1 = plain conditional). Default: 2 with "
-                        "--label (100 %% class accuracy on digits vs 93.5 %% at w = 1), 3 with --prompt")
+                        "--label, 3 with --prompt (chapter 8 measures the accuracy/diversity trade-off)")
 
     e = sub.add_parser("eval", help="sample and print quality metrics beside their real-vs-real floors")
     _sampling_args(e, SAMPLERS, default_n=1000)

@@ -166,8 +166,10 @@ def _prepare(
     return torch.randn(tuple(shape), generator=generator, device=device), device
 
 
-def _predict(model: Model, s: NoiseSchedule, x: Tensor, t: int, prediction: Prediction, clip_x0):
-    """The model's x̂_0 and ε̂ at the integer step t.
+def _predict(
+    model: Model, s: NoiseSchedule, x: Tensor, t: int, prediction: Prediction, clip_x0,
+) -> tuple[Tensor, Tensor]:
+    """The model's (x̂_0, ε̂) at the integer step t (x̂_0 clipped, and ε̂ made consistent, with ``clip_x0``).
 
     Only the model sees a device tensor of timesteps; the schedule's coefficients are taken at the
     Python int t (CPU scalars), so a sampling loop never reads a value back from the GPU.
@@ -182,7 +184,7 @@ def _predict(model: Model, s: NoiseSchedule, x: Tensor, t: int, prediction: Pred
     if clip_x0 is not False and clip_x0 is not None:
         x0 = _clip(x0, clip_x0)
         eps = s.eps_from_x0(x, t, x0)
-    return tt, x0, eps
+    return x0, eps
 
 
 @torch.no_grad()
@@ -200,7 +202,7 @@ def ddpm_sample(
     x, _ = _prepare(model, shape, generator, device)
     traj = [x.cpu()] if return_trajectory else None
     for t in range(s.T, 0, -1):
-        _, x0, _ = _predict(model, s, x, t, prediction, clip_x0)         # 1. predict ε, hence x̂_0
+        x0, _ = _predict(model, s, x, t, prediction, clip_x0)            # 1. predict ε, hence x̂_0
         z = torch.randn(x.shape, generator=generator, device=x.device) if t > 1 else None  # 2. z
         x = ddpm_step_x0(s, x, t, x0, z, variance)                       # 3. x_{t-1}
         if traj is not None:
@@ -228,7 +230,7 @@ def ddim_sample(
         x = x_T.to(x.device)
     traj = [x.cpu()] if return_trajectory else None
     for t, t_prev in zip(ts, ts[1:] + [0], strict=True):
-        _, x0, eps = _predict(model, s, x, t, prediction, clip_x0)
+        x0, eps = _predict(model, s, x, t, prediction, clip_x0)
         z = torch.randn(x.shape, generator=generator, device=x.device) if eta > 0 and t_prev > 0 else None
         x = ddim_step_x0_eps(s, x, t, t_prev, x0, eps, eta, z)
         if traj is not None:

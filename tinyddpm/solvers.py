@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from .checks import check_choice, check_nonneg_float
-from .samplers import Model, Spacing, _clip, _predict, _prepare, ddim_sample, ddim_timesteps, ddpm_sample
+from .samplers import Model, Spacing, _predict, _prepare, ddim_sample, ddim_step, ddim_timesteps, ddpm_sample
 from .schedule import NoiseSchedule, Prediction
 
 
@@ -91,7 +91,7 @@ def euler_ancestral_sample(
     xbar = x / math.sqrt(float(s.alpha_bars[ts[0]]))                    # x̄_T = x_T / α_T
     for t, t_prev in zip(ts, ts[1:] + [0], strict=True):
         a_t = math.sqrt(float(s.alpha_bars[t]))
-        _, x0, eps = _predict(model, s, a_t * xbar, t, prediction, clip_x0)   # 1. model sees x_t = α x̄
+        x0, eps = _predict(model, s, a_t * xbar, t, prediction, clip_x0)   # 1. model sees x_t = α x̄
         sig, sig_next = _sigma_tilde(s, t), _sigma_tilde(s, t_prev)
         down, up = ancestral_sigmas(sig, sig_next, eta)                       # 2. split the step
         xbar = xbar + (down - sig) * eps                                      # 3. Euler to σ_down
@@ -128,7 +128,7 @@ def dpmpp_2m_sample(
     lam = lambda t: 0.5 * (math.log(float(ab[t])) - math.log1p(-float(ab[t]))) if 0 < t else math.inf  # noqa: E731
     x0_last, h_last = None, None
     for t, t_prev in zip(ts, ts[1:] + [0], strict=True):
-        _, x0, _ = _predict(model, s, x, t, prediction, clip_x0)        # 1. data prediction x̂_0(t)
+        x0, _ = _predict(model, s, x, t, prediction, clip_x0)        # 1. data prediction x̂_0(t)
         if t_prev == 0:
             x = x0                                                       # 2a. λ = ∞: x_0 = D = x̂_0
         else:
@@ -166,20 +166,15 @@ def plms_sample(
     _check_finite_snr(s, ts, "plms_sample")
     x, _ = _prepare(model, shape, generator, device)
     traj = [x.cpu()] if return_trajectory else None
-    ab = s.alpha_bars
 
-    def transfer(x: Tensor, t: int, t_prev: int, eps: Tensor) -> Tensor:   # DDIM, η = 0
-        x0 = (x - math.sqrt(1 - float(ab[t])) * eps) / math.sqrt(float(ab[t]))
-        if clip_x0 is not False and clip_x0 is not None:                  # as ddim_step: clip x̂_0, then ε
-            x0 = _clip(x0, clip_x0)
-            eps = (x - math.sqrt(float(ab[t])) * x0) / math.sqrt(1 - float(ab[t]))
-        return math.sqrt(float(ab[t_prev])) * x0 + math.sqrt(1 - float(ab[t_prev])) * eps
+    def transfer(x: Tensor, t: int, t_prev: int, eps: Tensor) -> Tensor:   # the DDIM step, η = 0
+        return ddim_step(s, x, t, t_prev, eps, clip_x0=clip_x0)
 
     history: list[Tensor] = []                                          # newest first
     for t, t_prev in zip(ts, ts[1:] + [0], strict=True):
-        _, _, eps = _predict(model, s, x, t, prediction, clip_x0)
+        _, eps = _predict(model, s, x, t, prediction, clip_x0)
         if not history and t_prev > 0:                                  # improved-Euler warm-up
-            _, _, eps_next = _predict(model, s, transfer(x, t, t_prev, eps), t_prev, prediction, clip_x0)
+            _, eps_next = _predict(model, s, transfer(x, t, t_prev, eps), t_prev, prediction, clip_x0)
             eps_prime = 0.5 * (eps + eps_next)
         else:
             w = _AB_WEIGHTS[min(len(history), 3)]
