@@ -9,12 +9,18 @@ import pytest
 import torch
 
 import tinyddpm as td
-import tinyddpm.checkpoint as ckpt_mod
-from tinyddpm.checkpoint import list_checkpoints, load_checkpoint, read_state, resolve_checkpoint, sampler_kwargs
-from tinyddpm.config import DiffusionConfig, TrainConfig
-from tinyddpm.data import load_dataset
-from tinyddpm.models import build_model
-from tinyddpm.train import Trainer
+import tinyddpm.training.checkpoint as ckpt_mod
+from tinyddpm.data.datasets import load_dataset
+from tinyddpm.nets.presets import build_model
+from tinyddpm.training.checkpoint import (
+    list_checkpoints,
+    load_checkpoint,
+    read_state,
+    resolve_checkpoint,
+    sampler_kwargs,
+)
+from tinyddpm.training.config import DiffusionConfig, TrainConfig
+from tinyddpm.training.trainer import Trainer
 
 DIFF = DiffusionConfig(T=40)
 

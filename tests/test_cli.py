@@ -11,8 +11,8 @@ import pytest
 from PIL import Image
 
 import tinyddpm.cli as cli
-from tinyddpm.checkpoint import load_checkpoint
 from tinyddpm.cli import main
+from tinyddpm.training.checkpoint import load_checkpoint
 
 
 @pytest.fixture(scope="module")

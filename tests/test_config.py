@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from tinyddpm.config import DiffusionConfig, TrainConfig
+from tinyddpm.training.config import DiffusionConfig, TrainConfig
 
 
 def test_defaults_round_trip_through_json():

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from tinyddpm import DATASETS, Dataset, load_dataset, toy_mixture
-from tinyddpm.data import batches
+from tinyddpm.data.datasets import batches
 
 # --- Dataset -------------------------------------------------------------------------------------
 

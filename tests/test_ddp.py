@@ -17,10 +17,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from tinyddpm.config import DiffusionConfig, TrainConfig
-from tinyddpm.data import load_dataset
-from tinyddpm.models import build_model
-from tinyddpm.train import Trainer
+from tinyddpm.data.datasets import load_dataset
+from tinyddpm.nets.presets import build_model
+from tinyddpm.training.config import DiffusionConfig, TrainConfig
+from tinyddpm.training.trainer import Trainer
 
 
 def run(out: str, ckpt_dir: str | None = None) -> None:

@@ -5,8 +5,15 @@ import functools
 import pytest
 import torch
 
-from tinyddpm import GaussianMixture, NoiseSchedule, ddim_sample, energy_distance
-from tinyddpm.guidance import ClassMixture, cfg_combine, guided_model
+from tinyddpm import (
+    ClassMixture,
+    GaussianMixture,
+    NoiseSchedule,
+    cfg_combine,
+    ddim_sample,
+    energy_distance,
+    guided_model,
+)
 
 S = NoiseSchedule.linear(1000)
 # class 0 = components {0, 3}, class 1 = {1, 2, 4}; components 3 and 4 overlap across classes

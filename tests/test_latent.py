@@ -7,8 +7,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tinyddpm.attention import MultiHeadAttention, SpatialTransformer, attention
-from tinyddpm.latent import (
+from tinyddpm.diffusion.schedule import NoiseSchedule
+from tinyddpm.nets.attention import MultiHeadAttention, SpatialTransformer, attention
+from tinyddpm.nets.text import TextEncoder, TextEncoderConfig, Tokenizer
+from tinyddpm.nets.vae import VAE, VAEConfig
+from tinyddpm.text2img import (
     CrossAttnUNet,
     CrossAttnUNetConfig,
     Text2ImgConfig,
@@ -16,9 +19,6 @@ from tinyddpm.latent import (
     sample_prompt,
     train_text2img,
 )
-from tinyddpm.schedule import NoiseSchedule
-from tinyddpm.text import TextEncoder, TextEncoderConfig, Tokenizer
-from tinyddpm.vae import VAE, VAEConfig
 
 
 # ---------------------------------------------------------------- attention, eq. (eq-cross-attention)
@@ -200,7 +200,7 @@ def test_save_load_round_trip_and_sample_prompt(tmp_path):
 
 
 def test_train_text2img_runs_and_is_deterministic():
-    from tinyddpm.data import Dataset, load_dataset
+    from tinyddpm.data.datasets import Dataset, load_dataset
 
     d = load_dataset("digits", split="train")
     small = Dataset(d.x[:40], d.labels[:40], 10, "digits")

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import tinyddpm as td
-from tinyddpm.losses import diffusion_loss_at, min_snr_weight
+from tinyddpm.training.losses import diffusion_loss_at, min_snr_weight
 
 F64 = torch.float64
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import tinyddpm as td
-from tinyddpm.nn import TimeEmbedding
+from tinyddpm.nets.embeddings import TimeEmbedding
 
 torch.set_grad_enabled(True)
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import tinyddpm as td
-import tinyddpm.samplers as samplers
+import tinyddpm.sampling.ddpm_ddim as samplers
 
 F64 = torch.float64
 

@@ -13,12 +13,16 @@ import math
 import pytest
 import torch
 
-import tinyddpm.solvers as solvers
-from tinyddpm import GaussianMixture, NoiseSchedule, ddim_sample, ddpm_sample, energy_distance
-from tinyddpm.solvers import (
+import tinyddpm.sampling.solvers as solvers
+from tinyddpm import (
     SAMPLERS,
+    GaussianMixture,
+    NoiseSchedule,
     count_nfe,
+    ddim_sample,
+    ddpm_sample,
     dpmpp_2m_sample,
+    energy_distance,
     euler_ancestral_sample,
     plms_sample,
     sample,

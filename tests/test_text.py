@@ -6,7 +6,7 @@ import warnings
 import pytest
 import torch
 
-from tinyddpm.text import (
+from tinyddpm.nets.text import (
     BOS,
     DIGIT_WORDS,
     EOS,

@@ -8,12 +8,12 @@ import pytest
 import torch
 
 import tinyddpm as td
-from tinyddpm.config import DiffusionConfig, TrainConfig
-from tinyddpm.data import Dataset, load_dataset, toy_mixture
-from tinyddpm.ema import EMA
-from tinyddpm.losses import diffusion_loss_at
-from tinyddpm.models import build_model
-from tinyddpm.train import Trainer, TrainingDiverged, config_differences
+from tinyddpm.data.datasets import Dataset, load_dataset, toy_mixture
+from tinyddpm.nets.presets import build_model
+from tinyddpm.training.config import DiffusionConfig, TrainConfig
+from tinyddpm.training.ema import EMA
+from tinyddpm.training.losses import diffusion_loss_at
+from tinyddpm.training.trainer import Trainer, TrainingDiverged, config_differences
 
 DIFF = DiffusionConfig(T=50)
 

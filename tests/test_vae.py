@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch.distributions import Normal
 
-from tinyddpm.vae import VAE, VAEConfig, kl_standard_normal, train_vae
+from tinyddpm.nets.vae import VAE, VAEConfig, kl_standard_normal, train_vae
 
 
 def test_kl_closed_form_matches_monte_carlo_and_torch():
@@ -98,7 +98,7 @@ def test_train_vae_is_deterministic_per_seed():
 
 @pytest.fixture(scope="module")
 def trained():
-    from tinyddpm.data import load_dataset
+    from tinyddpm.data.datasets import load_dataset
 
     train, test = load_dataset("digits", split="train"), load_dataset("digits", split="test")
     vae = train_vae(train, steps=300, seed=0)

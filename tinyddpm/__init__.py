@@ -1,25 +1,12 @@
 """tinyddpm: diffusion models derived step by step, verified against ground truth."""
 
-from .attention import MultiHeadAttention, SpatialTransformer, attention
-from .broadcast import extract
 from .cache import cache_dir
-from .checkpoint import Checkpoint, load_checkpoint
-from .config import DiffusionConfig, TrainConfig
-from .data import DATASETS, Dataset, load_dataset, toy_mixture
-from .distances import energy_distance, sliced_wasserstein
-from .ema import EMA
-from .guidance import ClassMixture, cfg_combine, guided_model
-from .images import load_image, make_grid, save_grid, to_uint8
-from .latent import (
-    CrossAttnUNet,
-    CrossAttnUNetConfig,
-    Text2ImgConfig,
-    TextToImage,
-    load_or_train_text2img,
-    sample_prompt,
-    train_text2img,
-)
-from .losses import diffusion_loss, diffusion_loss_at, min_snr_weight, sample_timesteps
+from .data.datasets import DATASETS, Dataset, load_dataset, toy_mixture
+from .data.images import load_image, make_grid, save_grid, to_uint8
+from .diffusion.broadcast import extract
+from .diffusion.distances import energy_distance, sliced_wasserstein
+from .diffusion.mixture import ClassMixture, GaussianMixture
+from .diffusion.schedule import NoiseSchedule
 from .metrics import (
     DigitsClassifier,
     digits_classifier,
@@ -29,12 +16,16 @@ from .metrics import (
     toy_metrics,
     within_class_diversity,
 )
-from .mixture import GaussianMixture
-from .mlp import MLPDenoiser
-from .models import MODEL_KINDS, PRESETS, build_model, count_parameters, model_kind, preset
-from .nn import timestep_embedding
+from .nets.attention import MultiHeadAttention, SpatialTransformer, attention
+from .nets.cross_attn_unet import CrossAttnUNet, CrossAttnUNetConfig
+from .nets.embeddings import timestep_embedding
+from .nets.mlp import MLPDenoiser
+from .nets.presets import MODEL_KINDS, PRESETS, build_model, count_parameters, model_kind, preset
+from .nets.text import TextEncoder, TextEncoderConfig, Tokenizer, measure_ink, measure_slant
+from .nets.unet import UNet
+from .nets.vae import VAE, VAEConfig, train_vae
 from .pretrained import RECIPES, load_or_train
-from .samplers import (
+from .sampling.ddpm_ddim import (
     ddim_invert,
     ddim_sample,
     ddim_sigma,
@@ -44,12 +35,21 @@ from .samplers import (
     ddpm_step,
     ddpm_variances,
 )
-from .schedule import NoiseSchedule
-from .solvers import SAMPLERS, count_nfe, dpmpp_2m_sample, euler_ancestral_sample, plms_sample, sample
-from .text import TextEncoder, TextEncoderConfig, Tokenizer, measure_ink, measure_slant
-from .train import Trainer, TrainingDiverged
-from .unet import UNet
-from .vae import VAE, VAEConfig, train_vae
+from .sampling.guidance import cfg_combine, guided_model
+from .sampling.registry import SAMPLERS, count_nfe, sample
+from .sampling.solvers import dpmpp_2m_sample, euler_ancestral_sample, plms_sample
+from .text2img import (
+    Text2ImgConfig,
+    TextToImage,
+    load_or_train_text2img,
+    sample_prompt,
+    train_text2img,
+)
+from .training.checkpoint import Checkpoint, load_checkpoint
+from .training.config import DiffusionConfig, TrainConfig
+from .training.ema import EMA
+from .training.losses import diffusion_loss, diffusion_loss_at, min_snr_weight, sample_timesteps
+from .training.trainer import Trainer, TrainingDiverged
 
 __version__ = "0.1.0"
 

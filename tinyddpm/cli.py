@@ -21,9 +21,9 @@ from typing import NoReturn
 import numpy as np
 import torch
 
-from .checkpoint import Checkpoint, list_checkpoints, load_checkpoint, resolve_checkpoint, sampler_kwargs
-from .config import DEVICES, PREDICTIONS, SCHEDULES, DiffusionConfig, TrainConfig
-from .train import TrainingDiverged, resolve_device
+from .training.checkpoint import Checkpoint, list_checkpoints, load_checkpoint, resolve_checkpoint, sampler_kwargs
+from .training.config import DEVICES, PREDICTIONS, SCHEDULES, DiffusionConfig, TrainConfig
+from .training.trainer import TrainingDiverged, resolve_device
 
 
 class UsageError(Exception):
@@ -40,9 +40,9 @@ DEFAULT_PRESETS = {"digits": "digits-tiny", "moons": "toy-mlp", "swiss_roll": "t
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .data import DATASETS
-    from .models import PRESETS
-    from .solvers import SAMPLERS
+    from .data.datasets import DATASETS
+    from .nets.presets import PRESETS
+    from .sampling.registry import SAMPLERS
 
     p = _Parser(prog="tinyddpm", description="Train, sample and evaluate small diffusion models.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -102,8 +102,8 @@ def _train_text(a: argparse.Namespace, out: Path) -> int:
     """``train --text``: the chapter-9 pipeline, written to ``out`` (pipeline.json + safetensors)."""
     from dataclasses import replace
 
-    from .data import load_dataset
-    from .latent import Text2ImgConfig, train_text2img
+    from .data.datasets import load_dataset
+    from .text2img import Text2ImgConfig, train_text2img
 
     if a.data != "digits" or a.conditional or a.resume or a.preset:
         raise UsageError("--text trains the digits text-to-image pipeline: use --data digits, "
@@ -121,9 +121,9 @@ def _train_text(a: argparse.Namespace, out: Path) -> int:
 
 
 def _train(a: argparse.Namespace) -> int:
-    from .data import load_dataset
-    from .models import build_model, preset
-    from .train import Trainer
+    from .data.datasets import load_dataset
+    from .nets.presets import build_model, preset
+    from .training.trainer import Trainer
 
     out = Path(a.out)
     if out.exists() and not out.is_dir():
@@ -223,7 +223,7 @@ def _sample(a: argparse.Namespace) -> int:
     else:
         x = torch.cat(list(chunks))
         if x.ndim == 4:
-            from .images import save_grid
+            from .data.images import save_grid
 
             save_grid(x, out)
         else:
@@ -234,7 +234,7 @@ def _sample(a: argparse.Namespace) -> int:
 
 def _sample_prompt(a: argparse.Namespace, out: Path, is_pipeline: bool) -> int:
     """``sample --prompt``: text-to-image pipelines only (see ``train --text``)."""
-    from .latent import sample_prompt
+    from .text2img import sample_prompt
 
     if not is_pipeline:
         raise UsageError(f"--prompt needs a text-to-image pipeline (made by train --text); {a.ckpt} is not one"
@@ -252,7 +252,7 @@ def _sample_prompt(a: argparse.Namespace, out: Path, is_pipeline: bool) -> int:
     if out.suffix == ".npy":
         np.save(out, x.numpy().astype(np.float32))
     else:
-        from .images import save_grid
+        from .data.images import save_grid
 
         save_grid(x, out)
     print(f"wrote {a.n} samples for {a.prompt!r} (guidance {a.guidance}) to {out}")
@@ -273,7 +273,7 @@ def _scatter(x: torch.Tensor, path: Path) -> None:
 
 def _eval(a: argparse.Namespace) -> int:
     from . import metrics
-    from .data import load_dataset, toy_mixture
+    from .data.datasets import load_dataset, toy_mixture
 
     ckpt = _load(a)
     name = ckpt.data.get("name")

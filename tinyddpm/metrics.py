@@ -23,9 +23,9 @@ from torch import Tensor, nn
 
 from .cache import cache_dir
 from .checks import check_int, check_nonneg_float
-from .data import Dataset, load_dataset
-from .distances import energy_distance, sliced_wasserstein
-from .mixture import GaussianMixture
+from .data.datasets import Dataset, load_dataset
+from .diffusion.distances import energy_distance, sliced_wasserstein
+from .diffusion.mixture import GaussianMixture
 
 F64 = torch.float64
 _RECIPE_VERSION = 2  # bump when the training code below changes, so stale cached weights are not reused

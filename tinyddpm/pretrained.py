@@ -22,9 +22,9 @@ from typing import Any
 
 import torch
 
-from .checkpoint import Checkpoint, list_checkpoints, load_checkpoint
 from .checks import check_choice
-from .config import DiffusionConfig, TrainConfig
+from .training.checkpoint import Checkpoint, list_checkpoints, load_checkpoint
+from .training.config import DiffusionConfig, TrainConfig
 
 RECIPE_FORMAT = 2  # bump to invalidate every cached model (e.g. after a change in the training loop)
 
@@ -93,9 +93,9 @@ def recipe_dir(recipe: str, cache: str | Path | None = None) -> Path:
 
 def train_recipe(recipe: Recipe, out_dir: str | Path, *, progress: bool = False, steps: int | None = None) -> Path:
     """Train ``recipe`` into ``out_dir`` (no caching); returns the run directory."""
-    from .data import load_dataset
-    from .models import build_model, preset
-    from .train import Trainer
+    from .data.datasets import load_dataset
+    from .nets.presets import build_model, preset
+    from .training.trainer import Trainer
 
     data = load_dataset(recipe.data, seed=recipe.train.seed)
     overrides = dict(recipe.model_overrides)

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .checks import check_int
+from ..checks import check_int
 
 
 def _freqs(dim: int, max_period: float, device=None) -> Tensor:

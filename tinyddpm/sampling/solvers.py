@@ -1,4 +1,4 @@
-"""Faster samplers as ODE/SDE solvers, and one registry for all samplers (book chapter 10).
+"""Faster samplers as ODE/SDE solvers, (book chapter 10); the registry is :mod:`tinyddpm.sampling.registry`.
 
 Notation. α_t := √ᾱ_t and σ_t := √(1-ᾱ_t), so x_t = α_t x_0 + σ_t ε. Karras et al. (2022) divide
 by α_t: with  x̄ := x_t / α_t  and  σ̃_t := σ_t / α_t = √((1-ᾱ_t)/ᾱ_t)  the forward process is
@@ -17,15 +17,13 @@ and the last goes to t = 0 (ᾱ = 1, σ̃ = 0), returning the denoised x̂_0. Ev
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from types import MappingProxyType
 
 import torch
 from torch import Tensor
 
-from .checks import check_choice, check_nonneg_float
-from .samplers import Model, Spacing, _predict, _prepare, ddim_sample, ddim_step, ddim_timesteps, ddpm_sample
-from .schedule import NoiseSchedule, Prediction
+from ..checks import check_nonneg_float
+from ..diffusion.schedule import NoiseSchedule, Prediction
+from .ddpm_ddim import Model, Spacing, _predict, _prepare, ddim_step, ddim_timesteps
 
 
 def _sigma_tilde(s: NoiseSchedule, t: int) -> float:
@@ -186,39 +184,4 @@ def plms_sample(
     return (x, traj) if traj is not None else x
 
 
-SAMPLERS: MappingProxyType[str, Callable[..., Tensor]] = MappingProxyType({
-    "ddpm": ddpm_sample,
-    "ddim": ddim_sample,
-    "euler_a": euler_ancestral_sample,
-    "dpmpp_2m": dpmpp_2m_sample,
-    "plms": plms_sample,
-})
-
-
-def sample(
-    name: str, model: Model, s: NoiseSchedule, shape: tuple[int, ...], **kw
-) -> Tensor | tuple[Tensor, list[Tensor]]:
-    """Run the sampler called ``name`` (a key of :data:`SAMPLERS`) with keyword arguments ``kw``.
-
-    ``"ddpm"`` always takes all T steps; passing ``steps`` other than T to it is an error.
-    """
-    check_choice("sampler name", name, SAMPLERS)
-    if name == "ddpm" and "steps" in kw:
-        if kw.pop("steps") != s.T:
-            raise ValueError(f"'ddpm' always takes all T = {s.T} steps; use 'ddim' (eta=1) for fewer")
-    return SAMPLERS[name](model, s, shape, **kw)
-
-
-def count_nfe(model: Model) -> Callable[[Tensor, Tensor], Tensor]:
-    """Wrap ``model`` so that ``wrapped.nfe`` counts its calls (number of function evaluations)."""
-    def wrapped(x: Tensor, t: Tensor, **kw) -> Tensor:
-        wrapped.nfe += 1
-        return model(x, t, **kw)
-    wrapped.nfe = 0
-    return wrapped
-
-
-__all__ = [
-    "SAMPLERS", "ancestral_sigmas", "count_nfe", "dpmpp_2m_sample", "dpmpp_2m_weights", "euler_ancestral_sample",
-    "plms_sample", "sample",
-]
+__all__ = ["ancestral_sigmas", "dpmpp_2m_sample", "dpmpp_2m_weights", "euler_ancestral_sample", "plms_sample"]

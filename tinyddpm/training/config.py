@@ -12,9 +12,9 @@ import math
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
-from .checks import check_choice, check_int, check_nonneg_float
+from ..checks import check_choice, check_int, check_nonneg_float
+from ..diffusion.schedule import PREDICTIONS, NoiseSchedule, Prediction
 from .losses import WEIGHTINGS, Weighting
-from .schedule import PREDICTIONS, NoiseSchedule, Prediction
 
 ScheduleName = Literal["linear", "cosine", "scaled_linear", "sigmoid"]
 SCHEDULES: tuple[str, ...] = ("linear", "cosine", "scaled_linear", "sigmoid")

@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .checks import check_int
-from .nn import ConditionEmbedding, TimeEmbedding, check_t
+from ..checks import check_int
+from .embeddings import ConditionEmbedding, TimeEmbedding, check_t
 
 
 class MLPDenoiser(nn.Module):

@@ -14,7 +14,7 @@ from types import MappingProxyType
 
 from torch import nn
 
-from .checks import check_choice
+from ..checks import check_choice
 from .mlp import MLPDenoiser
 from .unet import UNet
 

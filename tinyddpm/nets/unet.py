@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .checks import check_choice, check_int
-from .nn import ConditionEmbedding, TimeEmbedding, check_t
+from ..checks import check_choice, check_int
+from .embeddings import ConditionEmbedding, TimeEmbedding, check_t
 
 TimeInjection = Literal["scale_shift", "add"]
 TIME_INJECTIONS: tuple[str, ...] = ("scale_shift", "add")

@@ -12,7 +12,7 @@ import copy
 import torch
 from torch import Tensor, nn
 
-from .checks import check_int
+from ..checks import check_int
 
 
 class EMA:

@@ -13,9 +13,9 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from .broadcast import extract
-from .checks import check_batch, check_choice, check_int, check_nonneg_float, check_same_shape, check_timesteps
-from .schedule import PREDICTIONS, NoiseSchedule, Prediction
+from ..checks import check_batch, check_choice, check_int, check_nonneg_float, check_same_shape, check_timesteps
+from ..diffusion.broadcast import extract
+from ..diffusion.schedule import PREDICTIONS, NoiseSchedule, Prediction
 
 Model = Callable[[Tensor, Tensor], Tensor]
 Variance = Literal["beta_tilde", "beta"]

@@ -16,7 +16,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from .checks import check_int
+from ..checks import check_int
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:

@@ -14,8 +14,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from .checks import check_choice, check_int, check_timesteps
-from .schedule import PREDICTIONS, NoiseSchedule, Prediction
+from ..checks import check_choice, check_int, check_timesteps
+from ..diffusion.schedule import PREDICTIONS, NoiseSchedule, Prediction
 
 Weighting = Literal["none", "min_snr"]
 WEIGHTINGS: tuple[str, ...] = ("none", "min_snr")

@@ -31,8 +31,8 @@ import torch
 from safetensors.torch import load_model, save_model
 from torch import nn
 
+from ..diffusion.schedule import NoiseSchedule
 from .config import DiffusionConfig, TrainConfig
-from .schedule import NoiseSchedule
 
 FORMAT_VERSION = 1
 LATEST = "latest"
@@ -228,7 +228,7 @@ class Checkpoint:
         if y is None:
             return lambda x, t: model(x, t, y=torch.full((x.shape[0],), self.num_classes, dtype=torch.long,
                                                          device=x.device))
-        from .guidance import guided_model
+        from ..sampling.guidance import guided_model
 
         return guided_model(model, y, guidance, num_classes=self.num_classes)
 
@@ -245,8 +245,8 @@ class Checkpoint:
         with ``seed`` runs through the chunks, so (seed, batch_size) fixes the result. Images are
         clipped to [-1, 1] through x̂_0 unless ``clip_x0=False``.
         """
-        from .checks import check_int
-        from .solvers import sample
+        from ..checks import check_int
+        from ..sampling.registry import sample
 
         n, batch_size = check_int("n", n, low=1), check_int("batch_size", batch_size, low=1)
         kwargs = sampler_kwargs(sampler, self.schedule.T, steps, eta)
@@ -271,8 +271,8 @@ def sampler_kwargs(sampler: str, T: int, steps: int | None, eta: float | None) -
     """Check (sampler, steps, eta) and return the keyword arguments that sampler takes."""
     import inspect
 
-    from .checks import check_choice, check_int, check_nonneg_float
-    from .solvers import SAMPLERS
+    from ..checks import check_choice, check_int, check_nonneg_float
+    from ..sampling.registry import SAMPLERS
 
     check_choice("sampler", sampler, SAMPLERS)
     params = inspect.signature(SAMPLERS[sampler]).parameters
@@ -296,7 +296,7 @@ def load_checkpoint(path: str | Path, *, ema: bool = True, device: str | torch.d
 
     Reads only config.json and safetensors files, so no code runs; the model is in eval mode.
     """
-    from .models import build_model
+    from ..nets.presets import build_model
 
     step_dir = resolve_checkpoint(path)
     cfg = read_config(step_dir)

@@ -13,8 +13,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from ..checks import check_batch, check_choice, check_int, check_same_shape, check_timesteps
 from .broadcast import extract
-from .checks import check_batch, check_choice, check_int, check_same_shape, check_timesteps
 
 Prediction = Literal["eps", "x0", "v"]
 PREDICTIONS: tuple[str, ...] = ("eps", "x0", "v")

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor, nn
 
-from .checks import check_int, check_nonneg_float
+from ..checks import check_int, check_nonneg_float
 
 
 @dataclass(frozen=True)

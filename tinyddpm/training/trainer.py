@@ -27,11 +27,11 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from ..diffusion.schedule import NoiseSchedule
 from .checkpoint import list_checkpoints, load_weights, read_config, read_state, resolve_checkpoint, save_checkpoint
 from .config import RESUMABLE_CHANGES, DiffusionConfig, TrainConfig
 from .ema import EMA
 from .losses import diffusion_loss_at
-from .schedule import NoiseSchedule
 
 
 class TrainingDiverged(RuntimeError):
@@ -78,7 +78,7 @@ def init_distributed(device: str) -> DistInfo:
 
 
 def _model_kind(model: nn.Module) -> str:
-    from .models import model_kind
+    from ..nets.presets import model_kind
 
     return model_kind(model)
 
@@ -178,7 +178,7 @@ class Trainer:
         ``changes`` may alter settings that do not shape the weights (e.g. ``steps`` to train longer,
         ``device``, ``log_every``); see :data:`tinyddpm.config.RESUMABLE_CHANGES`.
         """
-        from .models import build_model
+        from ..nets.presets import build_model
 
         cfg = read_config(resolve_checkpoint(out_dir))
         model = build_model(cfg["model"]["kind"], cfg["model"]["config"])
@@ -338,7 +338,7 @@ class Trainer:
     @torch.no_grad()
     def sample(self, n: int, *, steps: int | None = None, seed: int | None = None) -> Tensor:
         """n DDIM samples (η = 0) from the EMA model, with their own generator (training RNG untouched)."""
-        from .samplers import ddim_sample
+        from ..sampling.ddpm_ddim import ddim_sample
 
         steps = min(steps or self.config.sample_steps, self.schedule.T)
         g = torch.Generator(self.device).manual_seed(self.config.seed if seed is None else seed)
@@ -360,7 +360,7 @@ class Trainer:
         path = self.out_dir / "samples" / f"step_{self.step:06d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         if x.ndim == 4:
-            from .images import save_grid
+            from ..data.images import save_grid
 
             save_grid(x, path)
         else:

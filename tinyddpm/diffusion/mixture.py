@@ -8,12 +8,14 @@ x_t ~ Σ_k w_k N(√ᾱ_t μ_k, diag(ᾱ_t σ_k² + 1 - ᾱ_t)), eq. (eq-margina
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
 
+from ..checks import check_int, check_timesteps
 from .broadcast import extract
-from .checks import check_int, check_timesteps
 from .schedule import NoiseSchedule
 
 F64 = torch.float64
@@ -129,3 +131,58 @@ class GaussianMixture:
     def as_model(self, schedule: NoiseSchedule):
         """A callable ``model(x_t, t)`` returning the exact E[ε | x_t]: plug it into any sampler."""
         return lambda xt, t: self.optimal_eps(xt, t, schedule)
+
+
+class ClassMixture:
+    """A K-component Gaussian mixture whose components are split among C classes: a conditional oracle.
+
+    ``classes[k]`` is the class of component k. The class prior is p(c) = Σ_{k in c} w_k and the
+    class-conditional law is the sub-mixture of c's components with weights renormalised, so the
+    exact conditional ε is that sub-mixture's :meth:`GaussianMixture.optimal_eps`, and the exact
+    unconditional ε is the full mixture's. Label ``C`` (= ``null_label``) means "no label".
+    """
+
+    def __init__(self, mixture: GaussianMixture, classes: Sequence[int]):
+        if not isinstance(mixture, GaussianMixture):
+            raise TypeError("mixture must be a GaussianMixture")
+        classes = torch.as_tensor(classes, dtype=torch.long)
+        if classes.shape != (mixture.K,):
+            raise ValueError(f"classes needs one class per component, shape ({mixture.K},); got {tuple(classes.shape)}")
+        C = int(classes.max()) + 1
+        if int(classes.min()) < 0 or set(classes.tolist()) != set(range(C)):
+            raise ValueError(f"classes must use every label 0..C-1 at least once; got {classes.tolist()}")
+        self.mixture, self.classes, self.num_classes, self.null_label = mixture, classes, C, C
+        self.class_weights = torch.stack([mixture.weights[classes == c].sum() for c in range(C)])
+        self.components = [self.component(c) for c in range(C)]
+
+    def __repr__(self) -> str:
+        return f"ClassMixture(K={self.mixture.K}, C={self.num_classes})"
+
+    def component(self, c: int) -> GaussianMixture:
+        """p(x | c): the sub-mixture of class c's components, weights renormalised."""
+        c = check_int("class", c, low=0, high=self.num_classes - 1)
+        ks = self.classes == c
+        w = self.mixture.weights[ks]
+        return GaussianMixture(self.mixture.means[ks], self.mixture.stds[ks], w / w.sum())
+
+    def class_log_probs(self, x: Tensor) -> Tensor:
+        """log p(c | x) for every class, shape (N, C), float64 (from the full mixture's components)."""
+        lp = self.mixture.component_log_probs(x)                                     # (N, K)
+        per_class = torch.stack([torch.logsumexp(lp[:, self.classes == c], -1) for c in range(self.num_classes)], -1)
+        return per_class - torch.logsumexp(lp, -1, keepdim=True)
+
+    def model(self, schedule: NoiseSchedule) -> Callable[..., Tensor]:
+        """A conditional oracle ``model(x_t, t, y)``: exact E[ε | x_t, y], or E[ε | x_t] where y = null."""
+        def eps(xt: Tensor, t: Tensor, y: Any) -> Tensor:
+            y = torch.as_tensor(y, dtype=torch.long)
+            y = y.expand(xt.shape[0]) if y.ndim == 0 else y
+            if y.shape != (xt.shape[0],) or int(y.min()) < 0 or int(y.max()) > self.num_classes:
+                raise ValueError(f"y must hold one label per row in [0, {self.num_classes}] ({self.null_label} = null)")
+            t = t.expand(xt.shape[0]) if t.ndim == 0 else t
+            out = torch.empty_like(xt)
+            for c in y.unique().tolist():
+                rows = y == c
+                gm = self.mixture if c == self.null_label else self.components[c]
+                out[rows] = gm.optimal_eps(xt[rows], t[rows], schedule)
+            return out
+        return eps

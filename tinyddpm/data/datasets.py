@@ -22,9 +22,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .checks import check_choice, check_int
+from ..checks import check_choice, check_int
+from ..diffusion.mixture import GaussianMixture
 from .images import IMAGE_SUFFIXES, load_image
-from .mixture import GaussianMixture
 
 DATASETS: tuple[str, ...] = ("digits", "moons", "swiss_roll", "mixture", "mnist", "fashion_mnist", "cifar10", "folder")
 Split = Literal["train", "test"]

@@ -1,0 +1,1 @@
+"""Datasets (built-in toy sets and digits; loaders for files on disk) and image I/O."""

@@ -1,0 +1,1 @@
+"""Objectives and losses, configs, EMA, checkpoints and the one Trainer."""
