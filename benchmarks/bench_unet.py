@@ -211,6 +211,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (default: by GPU name)")
     p.add_argument("--no-memory", action="store_true")
     p.add_argument("--no-sampling", action="store_true")
+    p.add_argument("--json", default=None, metavar="PATH", help="also write the measurements to PATH as JSON")
     p.add_argument("--_memory-child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--_config", default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -232,6 +233,9 @@ def main(argv: list[str] | None = None) -> None:
           f"threads {torch.get_num_threads()}, "
           f"bf16 {a.bf16}, compile {a.compile}")
     print(f"parameters: tinyddpm {n_ours:,}  diffusers {n_theirs:,}  (diff {100 * (n_ours / n_theirs - 1):+.2f}%)")
+    results: dict = {"preset": a.preset, "device": str(device), "bf16": a.bf16, "compile": a.compile,
+                     "batch": a.batch, "params": {"tinyddpm": n_ours, "diffusers": n_theirs},
+                     "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None}
 
     # (a) training throughput
     step_ours = make_train_step(ours, f_ours, device, a.bf16, a.batch, config)
@@ -244,6 +248,7 @@ def main(argv: list[str] | None = None) -> None:
     ratio = statistics.median(b / x for x, b in zip(ta, tb, strict=True))
     print(f"(a) train step, batch {a.batch}: tinyddpm {ips(ta):.1f} img/s, diffusers {ips(tb):.1f} img/s; "
           f"speed-up (median of {a.rounds} ABAB ratios) {ratio:.2f}x")
+    results["train"] = {"img_s": {"tinyddpm": ips(ta), "diffusers": ips(tb)}, "speedup": ratio}
     if device.type == "cpu" and not a.compile:
         c_ours, c_theirs = conv_share(step_ours), conv_share(step_theirs)
         print(f"    share of the step in convolutions (same kernels, same FLOPs in both): tinyddpm {c_ours:.0%}, "
@@ -253,6 +258,8 @@ def main(argv: list[str] | None = None) -> None:
     per_s = flops * a.steps / statistics.median(ta)
     line = f"    model FLOPs per train step: tinyddpm {flops / 1e9:.2f} GFLOP, diffusers {flops_d / 1e9:.2f} GFLOP; " \
            f"tinyddpm achieves {per_s / 1e12:.3f} TFLOP/s"
+    results["flops_per_step"] = {"tinyddpm": flops, "diffusers": flops_d}
+    results["tflop_s"] = {"tinyddpm": per_s / 1e12}
     peak = a.peak_tflops
     if peak is None and device.type == "cuda":
         name = torch.cuda.get_device_name(device)
@@ -261,6 +268,8 @@ def main(argv: list[str] | None = None) -> None:
         per_s_d = flops_d * a.steps / statistics.median(tb)
         line += f"; MFU tinyddpm {100 * per_s / (peak * 1e12):.1f}%, diffusers {100 * per_s_d / (peak * 1e12):.1f}% " \
                 f"(peak {peak:g} TFLOP/s)"
+        results["tflop_s"]["diffusers"] = per_s_d / 1e12
+        results["mfu"] = {"tinyddpm": per_s / (peak * 1e12), "diffusers": per_s_d / (peak * 1e12), "peak_tflops": peak}
     print(line)
 
     # (b) DDIM-50 sampling: the two samplers run in lockstep, alternating model A and B at every step,
@@ -293,6 +302,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"(b) DDIM-{a.ddim_steps} sampling, batch {a.sample_batch}: tinyddpm {statistics.median(ta):.2f} s, "
               f"diffusers {statistics.median(tb):.2f} s; "
               f"speed-up (median of {a.sample_rounds} lockstep rounds) {ratio:.2f}x")
+        results["ddim"] = {"steps": a.ddim_steps, "batch": a.sample_batch, "seconds": {
+            "tinyddpm": statistics.median(ta), "diffusers": statistics.median(tb)}, "speedup": ratio}
         ours.train()
         theirs.train()
 
@@ -303,6 +314,10 @@ def main(argv: list[str] | None = None) -> None:
         kind = "max_memory_allocated" if device.type == "cuda" else "RSS high-water mark"
         print(f"(c) peak extra memory of a train step ({kind}), batch {a.batch}: tinyddpm {mo:.1f} MiB, "
               f"diffusers {md:.1f} MiB; ratio diffusers/tinyddpm {md / mo:.2f}")
+        results["peak_memory_mib"] = {"kind": kind, "tinyddpm": mo, "diffusers": md}
+    if a.json:
+        with open(a.json, "w", encoding="utf-8") as f:
+            json.dump(results, f, indent=1)
 
 
 if __name__ == "__main__":

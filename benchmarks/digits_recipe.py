@@ -99,7 +99,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     clf = td.digits_classifier()
     for w in a.guidance if recipe.conditional else [None]:
         for eta in a.eta:  # one chunk with a fresh generator: every (w, η) starts from the same noise
-            x = ckpt.sample(a.n, sampler="ddim", steps=a.steps, eta=eta, seed=a.seed, batch_size=a.n, y=labels,
+            x = ckpt.sample(a.n, sampler="ddim", steps=a.steps, eta=eta, batch_size=a.n, y=labels,
+                            generator=torch.Generator().manual_seed(a.seed),
                             guidance=1.0 if w is None else w)
             m = td.digits_metrics(x, labels, classifier=clf)
             key = f"eta={eta:g}" + ("" if w is None else f",w={w:g}")

@@ -59,7 +59,8 @@ def main(argv: list[str] | None = None) -> None:
     results, floors = {}, None
     for w in ws:
         t1 = time.time()
-        x = ckpt.sample(len(labels), y=labels, guidance=w, sampler=a.sampler, steps=a.steps, seed=a.seed,
+        x = ckpt.sample(len(labels), y=labels, guidance=w, sampler=a.sampler, steps=a.steps,
+                        generator=torch.Generator().manual_seed(a.seed),
                         batch_size=a.batch_size)
         m = td.digits_metrics(x, labels, classifier=clf)
         m["diversity"] = td.within_class_diversity(x, labels, classifier=clf)

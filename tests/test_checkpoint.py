@@ -12,12 +12,12 @@ import tinyddpm as td
 import tinyddpm.training.checkpoint as ckpt_mod
 from tinyddpm.data.datasets import load_dataset
 from tinyddpm.nets.presets import build_model
+from tinyddpm.sampling.from_checkpoint import sampler_kwargs
 from tinyddpm.training.checkpoint import (
     list_checkpoints,
     load_checkpoint,
     read_state,
     resolve_checkpoint,
-    sampler_kwargs,
 )
 from tinyddpm.training.config import DiffusionConfig, TrainConfig
 from tinyddpm.training.trainer import Trainer
@@ -28,7 +28,8 @@ DIFF = DiffusionConfig(T=40)
 def make_trainer(out, num_classes=None, **kw) -> Trainer:
     torch.manual_seed(0)
     model = build_model("mlp", dict(dim=2, hidden=16, depth=1, time_dim=8, num_classes=num_classes))
-    base = dict(steps=10, batch_size=8, lr=1e-3, warmup_steps=0, device="cpu", progress=False, ema_decay=0.5)
+    base = dict(steps=10, batch_size=8, lr=1e-3, warmup_steps=0, device="cpu", progress=False, ema_decay=0.5,
+                ckpt_every=0)  # checkpoints at the end of train() only, unless a test asks for more
     base.update(kw)
     return Trainer(model, DIFF.build(), load_dataset("mixture", n=64), TrainConfig(**base), out, DIFF)
 
@@ -171,9 +172,9 @@ def test_checkpoint_sampling_in_chunks(tmp_path):
     ck = load_checkpoint(tmp_path)
     seen = []
     ck.model.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[0]))
-    chunks = list(ck.sample_chunks(23, steps=4, batch_size=5, seed=1))
+    chunks = list(ck.sample_chunks(23, steps=4, batch_size=5, generator=torch.Generator().manual_seed(1)))
     assert [len(c) for c in chunks] == [5, 5, 5, 5, 3] and max(seen) == 5
-    again = ck.sample(23, steps=4, batch_size=5, seed=1)
+    again = ck.sample(23, steps=4, batch_size=5, generator=torch.Generator().manual_seed(1))
     assert torch.equal(torch.cat(chunks), again)  # same seed and chunking: same samples
     y = torch.arange(23) % 8
     assert ck.sample(23, steps=4, batch_size=10, y=y, guidance=1.0).shape == (23, 2)
@@ -187,7 +188,7 @@ def test_sampler_kwargs_validation():
     assert sampler_kwargs("ddpm", 100, None, None) == {}
     assert sampler_kwargs("ddpm", 100, 100, 0.0) == {}
     with pytest.raises(ValueError, match="sampler must be one of 'ddpm', 'ddim'"):
-        sampler_kwargs("heun", 100, 10, None)
+        sampler_kwargs("no_such_sampler", 100, 10, None)
     with pytest.raises(ValueError, match="steps must be <= 100"):
         sampler_kwargs("ddim", 100, 101, None)
     with pytest.raises(ValueError, match="eta must be a finite number >= 0"):

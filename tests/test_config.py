@@ -9,6 +9,11 @@ import math
 import pytest
 import torch
 
+from tinyddpm.config_base import Config
+from tinyddpm.nets.cross_attn_unet import CrossAttnUNetConfig
+from tinyddpm.nets.text import TextEncoderConfig
+from tinyddpm.nets.vae import VAEConfig
+from tinyddpm.text2img import Text2ImgConfig
 from tinyddpm.training.config import DiffusionConfig, TrainConfig
 
 
@@ -62,7 +67,12 @@ def test_diffusion_config_validation(kwargs, exc, match):
         ({"device": "gpu"}, ValueError, "device must be one of 'auto', 'cpu', 'cuda'"),
         ({"weighting": "snr"}, ValueError, "weighting must be one of 'none', 'min_snr'"),
         ({"lr_schedule": "step"}, ValueError, "lr_schedule must be one of 'constant', 'cosine'"),
-        ({"bf16": "yes"}, TypeError, "bf16 must be True or False"),
+        ({"precision": "half"}, ValueError, "precision must be one of 'auto', 'fp32', 'bf16', 'fp16'"),
+        ({"compile": "yes"}, TypeError, "compile must be True or False"),
+        ({"accum_steps": 0}, ValueError, "accum_steps must be >= 1"),
+        ({"batch_size": 6, "accum_steps": 4}, ValueError, "batch_size 6 must be divisible by accum_steps 4"),
+        ({"ckpt_every": -1}, ValueError, "ckpt_every must be >= 0"),
+        ({"ckpt_minutes": -1.0}, ValueError, "ckpt_minutes must be a finite number >= 0"),
         ({"label_dropout": 1.0}, ValueError, r"label_dropout must lie in \[0, 1\)"),
         ({"min_snr_gamma": 0.0}, ValueError, "min_snr_gamma must be > 0"),
         ({"keep_last": 0}, ValueError, "keep_last must be >= 1"),
@@ -93,3 +103,39 @@ def test_lr_warmup_then_constant_or_cosine():
     for step in (10, 35, 60, 85, 109):
         assert k.lr_at(step) == pytest.approx(0.5 * (1 + math.cos(math.pi * (step - 10) / 100)), abs=1e-12)
     assert TrainConfig(warmup_steps=0, lr=0.3).lr_at(0) == 0.3
+
+
+def test_every_config_shares_one_style():
+    """One base: JSON round-trip (nested configs rebuilt), unknown keys named, validated replace."""
+    nested = Text2ImgConfig(vae=VAEConfig(channels=8), text=TextEncoderConfig(vocab_size=0, dim=16, heads=2),
+                            unet=CrossAttnUNetConfig(channels=8, context_dim=16, heads=2, groups=4),
+                            diffusion=DiffusionConfig("cosine", 50))
+    for cfg in (VAEConfig(beta=0.1), TextEncoderConfig(vocab_size=30), CrossAttnUNetConfig(channels=8), nested):
+        assert isinstance(cfg, Config)
+        back = type(cfg).from_dict(json.loads(json.dumps(cfg.to_dict())))
+        assert back == cfg and type(back) is type(cfg)
+        with pytest.raises(ValueError, match=f"unknown {type(cfg).__name__} key.*typo"):
+            type(cfg).from_dict({**cfg.to_dict(), "typo": 1})
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            cfg.seed = 1  # type: ignore[misc]
+    assert isinstance(Text2ImgConfig.from_dict(nested.to_dict()).unet, CrossAttnUNetConfig)
+    with pytest.raises(ValueError, match="unknown VAEConfig key.*chanels"):
+        Text2ImgConfig.from_dict({**nested.to_dict(), "vae": {"chanels": 8}})
+    with pytest.raises(ValueError, match="must be divisible by groups"):
+        VAEConfig().replace(channels=12)
+    with pytest.raises(ValueError, match=r"dim \(10\) must be divisible by heads \(4\)"):
+        TextEncoderConfig(vocab_size=5, dim=10)
+
+
+def test_old_bf16_key_migrates_to_precision():
+    old = {k: v for k, v in TrainConfig().to_dict().items() if k != "precision"}
+    assert TrainConfig.from_dict({**old, "bf16": True}).precision == "auto"     # bf16 on CUDA only, as before
+    assert TrainConfig.from_dict({**old, "bf16": False}).precision == "fp32"
+
+
+def test_checkpoint_interval_default_is_a_tenth_of_the_run():
+    assert TrainConfig(steps=2000).checkpoint_interval == 200
+    assert TrainConfig(steps=15).checkpoint_interval == 2
+    assert TrainConfig(steps=5, ckpt_every=3).checkpoint_interval == 3
+    assert TrainConfig(ckpt_every=0).checkpoint_interval == 0
+    assert TrainConfig().ckpt_minutes == 5.0

@@ -28,8 +28,30 @@ def test_dataset_properties_and_subset():
     assert not p.is_image and p.shape == (2,) and p.subset(slice(0, 2)).labels is None
 
 
+def test_uint8_pixels_are_stored_as_uint8_and_read_as_floats():
+    p = torch.arange(2 * 3 * 4 * 4, dtype=torch.int64).reshape(2, 3, 4, 4).to(torch.uint8) * 2  # 0..190, even
+    d = Dataset(p, torch.tensor([1, 0]), 2, "px")
+    assert d.pixels is p and d.nbytes() == 96 and d.nbytes(torch.float32) == 384
+    assert d.shape == (3, 4, 4) and d.is_image and len(d) == 2
+    expected = p.numpy().astype(np.float32) / 127.5 - 1                 # the numpy formula, computed apart
+    assert d.x.dtype == torch.float32 and torch.equal(d.x, torch.from_numpy(expected))
+    assert torch.equal(d.x_at(torch.tensor([1])), d.x[[1]])
+    s = d.subset(torch.tensor([1]))
+    assert s.pixels.dtype == torch.uint8 and torch.equal(s.pixels, p[[1]]) and s.labels.tolist() == [0]
+    extremes = Dataset(torch.tensor([0, 255], dtype=torch.uint8).reshape(1, 1, 1, 2))
+    assert extremes.x.flatten().tolist() == [-1.0, 1.0]
+    f = Dataset(torch.zeros(3, 2))
+    assert f.pixels is None and f.nbytes() == 24
+    with pytest.raises(ValueError, match=r"uint8 pixels must have shape \(N, C, H, W\)"):
+        Dataset(torch.zeros(4, 4, dtype=torch.uint8))
+    with pytest.raises(AttributeError, match="read-only"):
+        d.name = "other"
+    again = pickle.loads(pickle.dumps(d))
+    assert torch.equal(again.pixels, p) and again.labels.tolist() == [1, 0] and again.name == "px"
+
+
 def test_dataset_validation():
-    with pytest.raises(TypeError, match="float32"):
+    with pytest.raises(TypeError, match="float32 tensor .or uint8 pixels"):
         Dataset(torch.zeros(2, 1, 2, 2, dtype=torch.float64))
     with pytest.raises(ValueError, match=r"\[-1, 1\]"):
         Dataset(torch.full((2, 1, 2, 2), 1.5))
@@ -169,6 +191,7 @@ def test_idx_loader(tmp_path, gz, name):
         assert torch.equal(d.x[:, 0], torch.from_numpy(images.astype(np.float32) / 127.5 - 1))
         assert d.x[0, 0, 0, 0] == -1 and d.x[0, 0, 0, 1] == 1
         assert d.labels.tolist() == labels.tolist()
+        assert d.pixels.dtype == torch.uint8 and torch.equal(d.pixels[:, 0], torch.from_numpy(images))
 
 
 def test_idx_torchvision_layout(tmp_path):
@@ -240,6 +263,7 @@ def test_cifar_loader(tmp_path, protocol, bytes_keys, sub):
     assert torch.equal(train.x, torch.from_numpy(data.reshape(20, 3, 32, 32).astype(np.float32) / 127.5 - 1))
     assert train.labels.tolist() == sum((written[f"data_batch_{i}"][1] for i in range(1, 6)), [])
     assert test.labels.tolist() == written["test_batch"][1]
+    assert train.pixels.dtype == torch.uint8 and train.nbytes() == 20 * 3072      # stored as uint8: 1/4 of float32
 
 
 def py2_pickle(data: np.ndarray, labels: list[int]) -> bytes:
@@ -327,6 +351,7 @@ def test_folder_without_classes(tmp_path):
     _png(tmp_path / "b.png", np.full((50, 40, 3), (255, 0, 0), np.uint8))
     d = load_dataset("folder", tmp_path)
     assert d.x.shape == (2, 3, 32, 32) and d.labels is None and d.name == "folder"
+    assert d.pixels.dtype == torch.uint8
     # centre crop of 64 -> 32 columns keeps columns 16..47: black then white, split in the middle
     assert (d.x[0, :, :, :16] == -1).all() and (d.x[0, :, :, 16:] == 1).all()
     assert (d.x[1, 0] == 1).all() and (d.x[1, 1:] == -1).all()         # resized solid red stays solid red

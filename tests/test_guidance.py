@@ -114,11 +114,11 @@ def test_batched_forward_with_a_network_and_context():
 
 def test_bad_input():
     xt, t = torch.randn(4, 2), torch.full((4,), 10)
-    with pytest.raises(ValueError, match="guidance scale w must be a finite number >= 0"):
+    with pytest.raises(ValueError, match="guidance must be a finite number >= 0"):
         guided_model(COND, 0, -1.0, num_classes=2)
-    with pytest.raises(ValueError, match="guidance scale w must be a finite number >= 0"):
+    with pytest.raises(ValueError, match="guidance must be a finite number >= 0"):
         guided_model(COND, 0, float("inf"), num_classes=2)
-    with pytest.raises(ValueError, match=r"null label 2 \(class labels lie in \[0, 1\]\).*pass w = 0"):
+    with pytest.raises(ValueError, match=r"null label 2 \(class labels lie in \[0, 1\]\).*pass guidance=0"):
         guided_model(COND, 2, 3.0, num_classes=2)(xt, t)
     with pytest.raises(ValueError, match=r"labels must lie in \[0, 1\]"):
         guided_model(COND, 3, 3.0, num_classes=2)(xt, t)

@@ -80,3 +80,18 @@ def test_load_image(tmp_path):
     (tmp_path / "bad.png").write_bytes(b"\x89PNG garbage")
     with pytest.raises(ValueError, match="bad.png: not a readable image file"):
         load_image(tmp_path / "bad.png")
+
+
+def test_read_pixels_and_pixels_to_float(tmp_path):
+    from tinyddpm.data.images import pixels_to_float, read_pixels
+
+    u = np.random.default_rng(1).integers(0, 256, (5, 7, 3), dtype=np.uint8)
+    Image.fromarray(u).save(tmp_path / "b.png")
+    p = read_pixels(tmp_path / "b.png")
+    assert p.dtype == torch.uint8 and torch.equal(p, torch.from_numpy(u).permute(2, 0, 1))
+    assert torch.equal(pixels_to_float(p), load_image(tmp_path / "b.png"))
+    assert torch.equal(read_pixels(tmp_path / "b.png", image_size=5), p[:, :, 1:6])  # square already: crop only
+    levels = torch.arange(256, dtype=torch.int64).to(torch.uint8)
+    assert torch.equal(pixels_to_float(levels), torch.from_numpy(np.arange(256, dtype=np.float32) / 127.5 - 1))
+    with pytest.raises(TypeError, match="uint8 tensor; got torch.float32"):
+        pixels_to_float(torch.zeros(2))

@@ -139,7 +139,7 @@ def test_unet_shapes_zero_init_and_errors():
     with pytest.raises(ValueError, match=r"latent \(B, 2, h, w\)"):
         unet(torch.randn(3, 1, 4, 4), t, ctx, mask)
     with pytest.raises(TypeError, match="integer tensor"):
-        unet(z, t.float(), ctx, mask)
+        unet(z, t.bool(), ctx, mask)
 
 
 def test_pipeline_generate_shapes_determinism_and_cfg():
@@ -168,23 +168,51 @@ def test_pipeline_generate_shapes_determinism_and_cfg():
 
 
 def test_vae_unet_mismatch_is_an_error(tmp_path):
+    from safetensors.torch import load_file, save_file
+
     with pytest.raises(ValueError, match="does not belong to this UNet"):
         _tiny_pipeline(latent_channels=3)
     pipe = _tiny_pipeline()
-    pipe.save(tmp_path / "p")
+    step = pipe.save(tmp_path / "p")
     other = _tiny_pipeline(seed=1)
-    other.save(tmp_path / "q")
-    (tmp_path / "q" / "vae.safetensors").replace(tmp_path / "p" / "vae.safetensors")   # a foreign VAE
+    for name in ("model.safetensors", "ema.safetensors"):     # graft a foreign VAE into the checkpoint
+        w = load_file(step / name)
+        w.update({k: v for k, v in other.state_dict().items() if k.startswith("vae.")})
+        save_file(w, step / name)
     with pytest.raises(ValueError, match="not the one the UNet was trained with"):
         TextToImage.load(tmp_path / "p")
-    meta = json.loads((tmp_path / "q" / "pipeline.json").read_text())
-    meta["latent_shape"] = [2, 2, 2]
-    (tmp_path / "q" / "pipeline.json").write_text(json.dumps(meta))
-    (tmp_path / "p" / "vae.safetensors").replace(tmp_path / "q" / "vae.safetensors")
+    q = pipe.save(tmp_path / "q")
+    meta = json.loads((q / "config.json").read_text())
+    meta["model"]["config"]["latent_shape"] = [2, 2, 2]
+    (q / "config.json").write_text(json.dumps(meta))
     with pytest.raises(ValueError, match="the UNet was trained on"):
         TextToImage.load(tmp_path / "q")
-    with pytest.raises(FileNotFoundError, match="no pipeline.json"):
+    with pytest.raises(FileNotFoundError, match="no checkpoint at"):
         TextToImage.load(tmp_path / "nowhere")
+
+
+def test_the_pipeline_is_an_ordinary_checkpoint(tmp_path):
+    """One format: load_checkpoint reads a saved pipeline and names its kind; no pickled code anywhere."""
+    from tinyddpm.training.checkpoint import FILES, load_checkpoint
+
+    pipe = _tiny_pipeline()
+    step = pipe.save(tmp_path / "p")
+    assert sorted(p.name for p in step.iterdir()) == sorted(FILES)
+    ck = load_checkpoint(tmp_path / "p")
+    assert ck.model_kind == "text2img" and isinstance(ck.model, TextToImage)
+    assert ck.schedule.T == 50 and ck.sample_shape == (1, 8, 8)
+    for k, v in pipe.state_dict().items():
+        assert torch.equal(ck.model.state_dict()[k], v), k
+    assert not ck.model.training and not any(p.requires_grad for p in ck.model.parameters())
+    mlp_run = tmp_path / "mlp"
+    from tinyddpm.nets.presets import build_model
+    from tinyddpm.training.checkpoint import save_checkpoint
+
+    mlp = build_model("mlp", {"dim": 2})
+    save_checkpoint(mlp_run, step=0, model=mlp, ema_model=mlp,
+                    config={"format": 1, "step": 0, "model": {"kind": "mlp", "config": {"dim": 2}}}, state={})
+    with pytest.raises(ValueError, match="holds a 'mlp' model, not a text-to-image pipeline"):
+        TextToImage.load(mlp_run / "step_000000")
 
 
 def test_save_load_round_trip_and_sample_prompt(tmp_path):
@@ -218,3 +246,33 @@ def test_train_text2img_runs_and_is_deterministic():
     with pytest.raises(ValueError, match="digit labels"):
         train_text2img(Dataset(d.x[:4]), cfg)
     assert Text2ImgConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_train_text2img_resumes_bit_exactly(tmp_path):
+    """The text-to-image stage is a Trainer run: 4 steps straight == 2 steps, a fresh Trainer from the
+    checkpoint alone, 2 more — bit for bit; and the run directory loads as a pipeline."""
+    from tinyddpm.data.datasets import Dataset, load_dataset
+    from tinyddpm.text2img import text2img_trainer
+    from tinyddpm.training.trainer import Trainer
+
+    d = load_dataset("digits", split="train")
+    small = Dataset(d.x[:40], d.labels[:40], 10, "digits")
+    cfg = Text2ImgConfig(
+        vae=VAEConfig(channels=8), vae_steps=2, steps=4, batch_size=4, ema_decay=0.5,
+        text=TextEncoderConfig(vocab_size=0, dim=16, depth=1, heads=2),
+        unet=CrossAttnUNetConfig(channels=8, context_dim=16, heads=2, groups=4),
+    )
+    straight = train_text2img(small, cfg, out_dir=tmp_path / "a")
+    text2img_trainer(small, cfg, out_dir=tmp_path / "b").train(2)
+    torch.manual_seed(123)                                           # whatever happened in between
+    resumed = Trainer.resume(tmp_path / "b", small)
+    assert resumed.step == 2 and resumed.objective.name == "text2img"
+    resumed.train()
+    for k, v in straight.state_dict().items():
+        assert torch.equal(resumed.ema_model.state_dict()[k], v), k
+    loaded = TextToImage.load(tmp_path / "b")
+    for k, v in straight.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v), k
+    from tinyddpm.text2img import is_text2img_checkpoint
+
+    assert is_text2img_checkpoint(tmp_path / "b") and not is_text2img_checkpoint(tmp_path / "nowhere")

@@ -178,7 +178,8 @@ def test_ddim_sample_steps_to_the_next_selected_timestep(gm2, linear, spacing, s
     one, then to 0 (diffusers issue #12633: stepping to t - T//steps breaks linspace spacing)."""
     rec = _Recorder(gm2, linear)
     xT = torch.randn(64, 2, generator=torch.Generator().manual_seed(0))
-    x, traj = td.ddim_sample(rec, linear, (64, 2), steps=steps, spacing=spacing, x_T=xT, return_trajectory=True)
+    traj = []
+    x = td.ddim_sample(rec, linear, (64, 2), steps=steps, spacing=spacing, x_T=xT, trajectory=traj)
     ts = _expected_timesteps(1000, steps, spacing)
     assert rec.calls == ts and len(traj) == steps + 1 and torch.equal(traj[-1], x)
     ref = xT
@@ -190,7 +191,8 @@ def test_ddim_sample_steps_to_the_next_selected_timestep(gm2, linear, spacing, s
 def test_ddpm_sample_visits_every_step_once(gm1):
     s = td.NoiseSchedule.linear(40)
     rec = _Recorder(gm1, s)
-    x, traj = td.ddpm_sample(rec, s, (16, 1), generator=torch.Generator().manual_seed(0), return_trajectory=True)
+    traj = []
+    x = td.ddpm_sample(rec, s, (16, 1), generator=torch.Generator().manual_seed(0), trajectory=traj)
     assert rec.calls == list(range(40, 0, -1)) and len(traj) == 41 and x.shape == (16, 1)
 
 

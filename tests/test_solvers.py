@@ -158,7 +158,7 @@ def test_euler_ancestral_is_ddim_with_the_same_eta(eta):
     assert (a - b).abs().max() < 1e-4
 
 
-@pytest.mark.parametrize("name", ["euler_a", "dpmpp_2m", "plms"])
+@pytest.mark.parametrize("name", ["euler_a", "dpmpp_2m", "plms"])   # heun: tests/test_continuous.py
 def test_v_prediction_gives_the_same_samples(name):
     def v_model(x, t):
         eps = ORACLE(x, t)
@@ -168,9 +168,10 @@ def test_v_prediction_gives_the_same_samples(name):
     assert (a - b).abs().max() < 1e-4
 
 
-@pytest.mark.parametrize("name", ["euler_a", "dpmpp_2m", "plms"])
+@pytest.mark.parametrize("name", ["euler_a", "dpmpp_2m", "plms", "heun"])
 def test_trajectory(name):
-    x, traj = sample(name, ORACLE, S, (50, 2), steps=6, generator=gen(5), return_trajectory=True)
+    traj = []
+    x = sample(name, ORACLE, S, (50, 2), steps=6, generator=gen(5), trajectory=traj)
     assert len(traj) == 7 and torch.equal(traj[-1], x)
     assert torch.equal(traj[0], torch.randn(50, 2, generator=gen(5)))          # starts at x_T ~ N(0, I)
 
@@ -199,15 +200,15 @@ def test_matches_diffusers_schedulers(steps):
 
 # ----------------------------------------------------------------------------- registry and bad input
 def test_registry_is_immutable_and_complete():
-    assert {"ddpm", "ddim", "euler_a", "dpmpp_2m", "plms"} <= set(SAMPLERS)
+    assert {"ddpm", "ddim", "euler_a", "dpmpp_2m", "plms", "heun"} <= set(SAMPLERS)
     with pytest.raises(TypeError):
         SAMPLERS["mine"] = ddim_sample
 
 
 def test_bad_input():
     with pytest.raises(ValueError, match="'ddim'.*'euler_a'"):
-        sample("heun", ORACLE, S, (4, 2))
-    for name in ("ddim", "euler_a", "dpmpp_2m", "plms"):
+        sample("euler_b", ORACLE, S, (4, 2))
+    for name in ("ddim", "euler_a", "dpmpp_2m", "plms", "heun"):
         with pytest.raises(ValueError, match="steps must be <= 1000"):
             sample(name, ORACLE, S, (4, 2), steps=1001)
     with pytest.raises(ValueError, match="ddpm.*all T = 1000 steps"):
@@ -222,7 +223,7 @@ def test_bad_input():
         dpmpp_2m_sample(lambda x, t: x[:, :1], S, (4, 2), steps=3)
 
 
-@pytest.mark.parametrize("name", ["ddim", "euler_a", "dpmpp_2m", "plms"])
+@pytest.mark.parametrize("name", ["ddim", "euler_a", "dpmpp_2m", "plms", "heun"])
 def test_clip_x0_keeps_samples_in_range(name):
     wide = GaussianMixture([[-3.0, 0.0], [3.0, 0.0]], [0.5, 0.5])        # data far outside [-1, 1]
     x = sample(name, wide.as_model(S), S, (200, 2), steps=8, generator=gen(6), clip_x0=True)

@@ -158,7 +158,7 @@ def test_label_dropout_replaces_labels_by_the_null_label_at_rate_p():
         idx = torch.randint(400, (400,), generator=g)
         torch.randint(1, DIFF.T + 1, (400,), generator=g)
         drop = torch.rand(400, generator=g) < 0.25
-        x0, t, noise, y = tr._next_batch()
+        x0, t, noise, y = tr.objective.inputs(tr.next_batch())
         assert torch.equal(x0, data.x[idx])
         assert torch.equal(y, torch.where(drop, 8, data.labels[idx]))
         ys.append(y)
@@ -166,7 +166,7 @@ def test_label_dropout_replaces_labels_by_the_null_label_at_rate_p():
     rate = null / 4000  # binomial(4000, 0.25): sd 0.007
     assert abs(rate - 0.25) < 0.03
     unconditional = trainer(data, batch_size=8)  # labels ignored for an unconditional model
-    assert unconditional._next_batch()[3] is None
+    assert unconditional.objective.inputs(unconditional.next_batch())[3] is None
 
 
 def test_conditional_model_needs_labels():

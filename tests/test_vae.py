@@ -4,7 +4,8 @@ import pytest
 import torch
 from torch.distributions import Normal
 
-from tinyddpm.nets.vae import VAE, VAEConfig, kl_standard_normal, train_vae
+from tinyddpm.nets.vae import VAE, VAEConfig, kl_standard_normal
+from tinyddpm.training.objectives import train_vae
 
 
 def test_kl_closed_form_matches_monte_carlo_and_torch():

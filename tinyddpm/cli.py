@@ -21,9 +21,11 @@ from typing import NoReturn
 import numpy as np
 import torch
 
-from .training.checkpoint import Checkpoint, list_checkpoints, load_checkpoint, resolve_checkpoint, sampler_kwargs
+from .sampling.from_checkpoint import sampler_kwargs
+from .sampling.guidance import DEFAULT_LABEL_GUIDANCE, DEFAULT_PROMPT_GUIDANCE
+from .training.checkpoint import Checkpoint, list_checkpoints, load_checkpoint, resolve_checkpoint
 from .training.config import DEVICES, PREDICTIONS, SCHEDULES, DiffusionConfig, TrainConfig
-from .training.trainer import TrainingDiverged, resolve_device
+from .training.trainer import TrainingDiverged, TrainingInterrupted, resolve_device
 
 
 class UsageError(Exception):
@@ -35,6 +37,9 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
+# `--data digits` without --preset trains the book's measured recipe (tinyddpm.pretrained.RECIPES["digits"],
+# or "digits-cond" with --conditional): the CLI default is what chapter 5 trains and measures.
+RECIPE_DEFAULTS = {("digits", False): "digits", ("digits", True): "digits-cond"}
 DEFAULT_PRESETS = {"digits": "digits-tiny", "moons": "toy-mlp", "swiss_roll": "toy-mlp", "mixture": "toy-mlp",
                    "mnist": "mnist", "fashion_mnist": "mnist", "cifar10": "cifar10-small", "folder": "cifar10-small"}
 
@@ -56,15 +61,23 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--conditional", action="store_true", help="class-conditional model (needs labels)")
     t.add_argument("--text", action="store_true",
                    help="text-to-image latent pipeline (VAE + text encoder + cross-attention UNet; digits only)")
-    t.add_argument("--schedule", choices=SCHEDULES, help="noise schedule (default linear)")
+    t.add_argument("--schedule", choices=SCHEDULES, help="noise schedule (default: cosine for digits, the book's "
+                                                         "recipe; linear otherwise)")
     t.add_argument("--T", type=int, help="diffusion steps (default 1000)")
     t.add_argument("--prediction", choices=PREDICTIONS, help="what the network predicts (default eps)")
     t.add_argument("--steps", type=int, help="total optimiser steps (default 2000)")
     t.add_argument("--batch-size", type=int, help="global batch size (default 64)")
-    t.add_argument("--lr", type=float, help="peak learning rate (default 1e-3)")
+    t.add_argument("--lr", type=float, help="peak learning rate (default: 4e-3 for digits, the book's recipe; 1e-3 "
+                                            "otherwise)")
     t.add_argument("--seed", type=int, help="seed of the whole run (default 0)")
     t.add_argument("--device", choices=DEVICES, help="auto (default: CUDA if present), cpu or cuda")
-    t.add_argument("--ckpt-every", type=int, help="checkpoint every N steps (0: only at the end)")
+    t.add_argument("--ckpt-every", type=int,
+                   help="checkpoint every N steps (default: every 10 %% of the run, and every --ckpt-minutes)")
+    t.add_argument("--ckpt-minutes", type=float,
+                   help="also checkpoint when this many minutes passed (default 5; 0: off)")
+    t.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"),
+                   help="auto (default): bf16 on a GPU (fp16 + GradScaler where bf16 is missing), fp32 on CPU")
+    t.add_argument("--accum-steps", type=int, help="gradient accumulation: micro-batches per optimiser step")
     t.add_argument("--sample-every", type=int, help="sample grid every N steps (0: never)")
     t.add_argument("--compile", action="store_true", help="torch.compile the model")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -75,12 +88,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help=".png (a grid) or .npy (raw samples in [-1, 1], shape (N, ...))")
     s.add_argument("--label", type=int, help="class to draw (conditional models; default: unconditional)")
     s.add_argument("--prompt", help='text prompt, e.g. "a thick seven" (text-to-image pipelines from train --text)')
-    s.add_argument("--guidance", type=float,
-                   help="classifier-free guidance weight w (eq-cfg; 1 = plain conditional). Default: 2 with "
-                        "--label, 3 with --prompt (chapter 8 measures the accuracy/diversity trade-off)")
 
     e = sub.add_parser("eval", help="sample and print quality metrics beside their real-vs-real floors")
     _sampling_args(e, SAMPLERS, default_n=1000)
+
+    x = sub.add_parser("export", help="write a checkpoint as a diffusers DDPMPipeline folder (needs diffusers)")
+    x.add_argument("--ckpt", required=True, help="run directory (latest checkpoint) or a step_XXXXXX dir")
+    x.add_argument("--to", choices=["diffusers"], required=True, help="target format")
+    x.add_argument("out", help="output folder (new or empty)")
+    x.add_argument("--raw", action="store_true", help="export the raw weights instead of the EMA weights")
     return p
 
 
@@ -95,11 +111,15 @@ def _sampling_args(p: argparse.ArgumentParser, samplers, default_n: int) -> None
     p.add_argument("--batch-size", type=int, default=500, help="samples per chunk: bounds memory (default 500)")
     p.add_argument("--device", choices=DEVICES, default="auto")
     p.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA weights")
+    p.add_argument("--guidance", type=float,
+                   help=f"classifier-free guidance weight w (eq-cfg; 1 = plain conditional). Default: "
+                        f"{DEFAULT_LABEL_GUIDANCE:g} for class labels, {DEFAULT_PROMPT_GUIDANCE:g} for prompts "
+                        "(chapter 8 measures the accuracy/diversity trade-off)")
 
 
 # ----------------------------------------------------------------------------- commands
 def _train_text(a: argparse.Namespace, out: Path) -> int:
-    """``train --text``: the chapter-9 pipeline, written to ``out`` (pipeline.json + safetensors)."""
+    """``train --text``: the chapter-9 pipeline, written to ``out`` (a Trainer checkpoint of kind text2img)."""
     from dataclasses import replace
 
     from .data.datasets import load_dataset
@@ -113,8 +133,8 @@ def _train_text(a: argparse.Namespace, out: Path) -> int:
     cfg = Text2ImgConfig()
     cfg = replace(cfg, **{k: v for k, v in dict(steps=a.steps, batch_size=a.batch_size, lr=a.lr, seed=a.seed).items()
                           if v is not None})
-    pipe = train_text2img(load_dataset("digits", split="train"), cfg, device=resolve_device(a.device or "auto"))
-    pipe.save(out)
+    train_text2img(load_dataset("digits", split="train"), cfg, device=resolve_device(a.device or "auto"), out_dir=out,
+                   progress=not a.no_progress)
     print(f"wrote the text-to-image pipeline to {out}; try: "
           f"tinyddpm sample --ckpt {out} --prompt \"a seven\" --guidance 3 --out seven.png")
     return 0
@@ -135,7 +155,8 @@ def _train(a: argparse.Namespace) -> int:
     if has_run and not a.resume:
         raise UsageError(f"--out {out} already holds a run; pass --resume to continue it or choose another --out")
     given = {k: v for k, v in dict(steps=a.steps, batch_size=a.batch_size, lr=a.lr, seed=a.seed, device=a.device,
-                                   ckpt_every=a.ckpt_every, sample_every=a.sample_every).items() if v is not None}
+                                   ckpt_every=a.ckpt_every, ckpt_minutes=a.ckpt_minutes, precision=a.precision,
+                                   accum_steps=a.accum_steps, sample_every=a.sample_every).items() if v is not None}
     if a.compile:
         given["compile"] = True
     if a.no_progress:
@@ -153,7 +174,21 @@ def _train(a: argparse.Namespace) -> int:
     else:
         if a.conditional and data.labels is None:
             raise UsageError(f"--conditional needs labels, and dataset {a.data!r} has none")
-        kind, cfg = preset(a.preset or DEFAULT_PRESETS[a.data])
+        recipe = None if a.preset else RECIPE_DEFAULTS.get((a.data, a.conditional))
+        if recipe is not None:
+            from .pretrained import RECIPES
+
+            rec = RECIPES[recipe]
+            kind, cfg = preset(rec.preset, **rec.model_overrides)
+            diffusion_args = {**rec.diffusion.to_dict(), **diffusion_args}
+            # the recipe's optimisation, with this command's device, progress bar and checkpoint retention
+            cli_defaults = TrainConfig()
+            given = {**rec.train.to_dict(), "device": cli_defaults.device, "progress": cli_defaults.progress,
+                     "keep_last": cli_defaults.keep_last, "log_every": cli_defaults.log_every, **given}
+            print(f"recipe {recipe!r} (the book's measured default for --data {a.data}); "
+                  "--preset or any flag overrides it", file=sys.stderr)
+        else:
+            kind, cfg = preset(a.preset or DEFAULT_PRESETS[a.data])
         if kind == "unet":
             cfg.update(in_channels=data.shape[0], image_size=data.shape[-1])
         else:
@@ -204,13 +239,14 @@ def _sample(a: argparse.Namespace) -> int:
     if out.is_dir():
         raise UsageError(f"--out {out} is a directory; give a file name ending in .png or .npy")
     _check_writable(out)
-    is_pipeline = (Path(a.ckpt) / "pipeline.json").is_file()
+    from .text2img import is_text2img_checkpoint
+
+    is_pipeline = Path(a.ckpt).exists() and is_text2img_checkpoint(a.ckpt)
     if a.prompt is not None or is_pipeline:
         return _sample_prompt(a, out, is_pipeline)
     ckpt = _load(a)
-    chunks = ckpt.sample_chunks(a.n, sampler=a.sampler, steps=a.steps, eta=a.eta, seed=a.seed,
-                                batch_size=a.batch_size, y=a.label,
-                                guidance=2.0 if a.guidance is None else a.guidance)
+    chunks = ckpt.sample_chunks(a.n, sampler=a.sampler, steps=a.steps, eta=a.eta, generator=_generator(a.seed),
+                                batch_size=a.batch_size, y=a.label, guidance=a.guidance)
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix == ".npy":  # written chunk by chunk into a memory-mapped file: memory ~ one chunk
         arr = np.lib.format.open_memmap(out, mode="w+", dtype=np.float32, shape=(a.n, *ckpt.sample_shape))
@@ -245,7 +281,7 @@ def _sample_prompt(a: argparse.Namespace, out: Path, is_pipeline: bool) -> int:
         raise UsageError("--label is for class-conditional checkpoints; a text pipeline takes --prompt")
     if a.n < 1:
         raise UsageError(f"--n must be >= 1; got {a.n}")
-    a.guidance = 3.0 if a.guidance is None else a.guidance
+    a.guidance = DEFAULT_PROMPT_GUIDANCE if a.guidance is None else a.guidance
     x = sample_prompt(a.ckpt, a.prompt, n=a.n, guidance=a.guidance, steps=a.steps or 50, seed=a.seed,
                       sampler=a.sampler, device="cpu" if a.device == "auto" else a.device)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -257,6 +293,13 @@ def _sample_prompt(a: argparse.Namespace, out: Path, is_pipeline: bool) -> int:
         save_grid(x, out)
     print(f"wrote {a.n} samples for {a.prompt!r} (guidance {a.guidance}) to {out}")
     return 0
+
+
+def _generator(seed: int) -> torch.Generator:
+    """The one generator of a sampling command: on the CPU, so a seed gives the same noise on any device."""
+    if seed < 0:
+        raise UsageError(f"--seed must be >= 0; got {seed}")
+    return torch.Generator().manual_seed(seed)
 
 
 def _scatter(x: torch.Tensor, path: Path) -> None:
@@ -280,8 +323,9 @@ def _eval(a: argparse.Namespace) -> int:
     labels = None
     if ckpt.num_classes is not None:  # ask for every class equally, then score the requested class
         labels = torch.arange(a.n) % ckpt.num_classes
-    x = torch.cat(list(ckpt.sample_chunks(a.n, sampler=a.sampler, steps=a.steps, eta=a.eta, seed=a.seed,
-                                          batch_size=a.batch_size, y=labels)))
+    x = torch.cat(list(ckpt.sample_chunks(a.n, sampler=a.sampler, steps=a.steps, eta=a.eta,
+                                          generator=_generator(a.seed), batch_size=a.batch_size, y=labels,
+                                          guidance=a.guidance)))
     if name == "digits":
         result = metrics.digits_metrics(x, labels)
     elif x.ndim == 2 and name == "mixture":  # the exact mixture: adds log-likelihood and weights
@@ -295,7 +339,22 @@ def _eval(a: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": _train, "sample": _sample, "eval": _eval}
+def _export(a: argparse.Namespace) -> int:
+    """``export --to diffusers``: a DDPMPipeline folder whose unet(x, t - 1) equals our model(x, t)."""
+    try:
+        import diffusers  # noqa: F401
+    except ImportError as e:
+        raise UsageError("export --to diffusers needs diffusers: pip install 'tinyddpm[diffusers]'") from e
+    from .interop import export_checkpoint
+
+    if not Path(a.ckpt).exists():
+        raise UsageError(f"--ckpt {a.ckpt} does not exist")
+    out = export_checkpoint(a.ckpt, a.out, ema=not a.raw)
+    print(f"wrote {out}: DDPMPipeline.from_pretrained({str(out)!r}) runs it; its unet(x, t - 1) == our model(x, t)")
+    return 0
+
+
+COMMANDS = {"train": _train, "sample": _sample, "eval": _eval, "export": _export}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -306,7 +365,8 @@ def main(argv: list[str] | None = None) -> int:
         return int(e.code or 0)
     try:
         return COMMANDS[args.command](args)
-    except (UsageError, ValueError, TypeError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
+    except (UsageError, ValueError, TypeError, FileNotFoundError, FileExistsError, NotADirectoryError,
+            PermissionError) as e:
         if os.environ.get("TINYDDPM_DEBUG"):
             raise
         print(f"tinyddpm {args.command}: error: {' '.join(str(e).split())}", file=sys.stderr)
@@ -314,6 +374,10 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingDiverged as e:
         print(f"tinyddpm {args.command}: {' '.join(str(e).split())}", file=sys.stderr)
         return 1
+    except TrainingInterrupted as e:  # the step finished and a checkpoint was written
+        if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+            print(f"tinyddpm {args.command}: {' '.join(str(e).split())}", file=sys.stderr)
+        return e.exit_code            # 130 SIGINT, 143 SIGTERM
 
 
 if __name__ == "__main__":

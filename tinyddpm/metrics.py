@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import warnings
 from dataclasses import asdict, dataclass
 
@@ -21,6 +20,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from .atomic import write_file_atomic, write_text_atomic
 from .cache import cache_dir
 from .checks import check_int, check_nonneg_float
 from .data.datasets import Dataset, load_dataset
@@ -28,7 +28,9 @@ from .diffusion.distances import energy_distance, sliced_wasserstein
 from .diffusion.mixture import GaussianMixture
 
 F64 = torch.float64
-_RECIPE_VERSION = 2  # bump when the training code below changes, so stale cached weights are not reused
+# bump when the training code below changes, so stale cached weights are not reused
+# (3: trained by the one Trainer with ClassificationObjective)
+_RECIPE_VERSION = 3
 
 
 # --- Fréchet distance ----------------------------------------------------------------------------
@@ -113,6 +115,7 @@ class DigitsClassifier(nn.Module):
             nn.Linear(2 * width * 16, features), nn.ReLU(),             # (N, features)
         )
         self.head = nn.Linear(features, 10)
+        self.width, self.n_features = width, features
         self.test_accuracy: float | None = None
         self.recipe: ClassifierRecipe | None = None
 
@@ -131,6 +134,10 @@ class DigitsClassifier(nn.Module):
 
     forward = logits
 
+    def to_config(self) -> dict[str, int]:
+        """Constructor arguments (checkpoint kind "digits-classifier")."""
+        return {"width": self.width, "features": self.n_features}
+
     @torch.no_grad()
     def predict_proba(self, x: Tensor) -> Tensor:
         """Class probabilities (N, 10)."""
@@ -148,12 +155,18 @@ def _noise_images(n: int, g: torch.Generator) -> Tensor:
 
 def train_digits_classifier(recipe: ClassifierRecipe = ClassifierRecipe(),
                             train: Dataset | None = None) -> DigitsClassifier:
-    """Train the classifier on the digits train split: deterministic for a recipe (one CPU thread).
+    """Train the classifier on the digits train split with the one Trainer: deterministic for a recipe
+    (one CPU thread).
 
-    Cross-entropy on the digits, each batch shifted by up to one pixel, plus ``outlier_weight`` ×
-    the cross-entropy from the uniform distribution on noise images (outlier exposure, Hendrycks et
-    al. 2019), so that noise is not labelled confidently.
+    :class:`~tinyddpm.training.objectives.ClassificationObjective`: cross-entropy on the digits, each
+    shifted by up to one pixel, plus ``outlier_weight`` × the cross-entropy from the uniform
+    distribution on noise images (outlier exposure, Hendrycks et al. 2019), so that noise is not
+    labelled confidently. AdamW with a cosine-decayed lr for ``epochs`` × ⌈N / batch_size⌉ steps.
     """
+    from .training.config import TrainConfig
+    from .training.objectives import ClassificationObjective
+    from .training.trainer import Trainer
+
     train = load_dataset("digits", split="train") if train is None else train
     threads = torch.get_num_threads()
     torch.set_num_threads(1)   # tiny layers: one thread is fastest, and makes the result reproducible
@@ -161,27 +174,17 @@ def train_digits_classifier(recipe: ClassifierRecipe = ClassifierRecipe(),
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(recipe.seed)                    # layer initialisation only
             model = DigitsClassifier(recipe.width, recipe.features)
-        g = torch.Generator().manual_seed(recipe.seed)
-        opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
-        steps = recipe.epochs * math.ceil(len(train) / recipe.batch_size)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.5 * (1 + math.cos(math.pi * i / steps)))
-        for _ in range(recipe.epochs):
-            order = torch.randperm(len(train), generator=g)
-            for i in range(0, len(train), recipe.batch_size):
-                idx = order[i:i + recipe.batch_size]
-                dx, dy = torch.randint(0, 3, (2,), generator=g).tolist()
-                x = F.pad(train.x[idx], (1, 1, 1, 1), value=-1.0)[:, :, dy:dy + 8, dx:dx + 8]
-                n_out = len(idx) // 2 if recipe.outlier_weight else 0
-                logits = model(torch.cat([x, _noise_images(n_out, g)]))         # digits, then outliers
-                loss = F.cross_entropy(logits[:len(idx)], train.labels[idx])
-                if n_out:
-                    loss = loss - recipe.outlier_weight * logits[len(idx):].log_softmax(-1).mean()
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                sched.step()
+        config = TrainConfig(
+            steps=recipe.epochs * math.ceil(len(train) / recipe.batch_size), batch_size=recipe.batch_size,
+            lr=recipe.lr, warmup_steps=0, lr_schedule="cosine", weight_decay=recipe.weight_decay, grad_clip=0.0,
+            seed=recipe.seed, device="cpu", precision="fp32", label_dropout=0.0, log_every=0, progress=False)
+        objective = ClassificationObjective(shift=1, pad_value=-1.0, outlier_weight=recipe.outlier_weight,
+                                            outliers=_noise_images)
+        trainer = Trainer(model, None, train, config, objective=objective)
+        trainer.train()
     finally:
         torch.set_num_threads(threads)
+    model = trainer.model
     model.recipe = recipe
     return model.eval().requires_grad_(False)
 
@@ -215,13 +218,10 @@ def digits_classifier(device: str | torch.device = "cpu", *, recipe: ClassifierR
             warnings.warn(f"rebuilding the digits classifier: cached {weights.name} unusable ({e})", stacklevel=2)
     model = train_digits_classifier(recipe, train)
     model.test_accuracy = _accuracy(model, load_dataset("digits", split="test"))
-    for path, write in ((weights, lambda p: save_file(model.state_dict(), str(p))),
-                        (meta, lambda p: p.write_text(json.dumps(
-                            {"hash": key, "recipe": asdict(recipe), "version": _RECIPE_VERSION,
-                             "test_accuracy": model.test_accuracy}, indent=1)))):
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        write(tmp)
-        os.replace(tmp, path)  # atomic: a reader never sees half a file
+    # atomic: a reader never sees half a file; the weights first, so a meta file always has its weights
+    write_file_atomic(weights, lambda p: save_file(model.state_dict(), str(p)))
+    write_text_atomic(meta, json.dumps({"hash": key, "recipe": asdict(recipe), "version": _RECIPE_VERSION,
+                                        "test_accuracy": model.test_accuracy}, indent=1))
     return model.to(device)
 
 

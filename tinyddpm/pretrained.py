@@ -11,9 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,11 +19,14 @@ from typing import Any
 
 import torch
 
+from .atomic import write_dir_atomic
 from .checks import check_choice
 from .training.checkpoint import Checkpoint, list_checkpoints, load_checkpoint
 from .training.config import DiffusionConfig, TrainConfig
 
-RECIPE_FORMAT = 2  # bump to invalidate every cached model (e.g. after a change in the training loop)
+# bump to invalidate every cached model (e.g. after a change in the training loop);
+# 3: the Trainer with objectives, periodic checkpoints and a precision setting
+RECIPE_FORMAT = 3
 
 
 @dataclass(frozen=True)
@@ -116,20 +116,10 @@ def load_or_train(recipe: str, *, cache: str | Path | None = None, progress: boo
     """The trained model of ``recipe`` (one of :data:`RECIPES`): loaded from the cache, else trained first.
 
     Training is deterministic (CPU, fixed seeds) and happens in a temporary directory that is renamed
-    into place only when complete, so an interrupted first call never leaves a half-trained model.
+    into place only when complete (:func:`tinyddpm.atomic.write_dir_atomic`), so an interrupted first
+    call never leaves a half-trained model.
     """
     final = recipe_dir(recipe, cache)
     if not list_checkpoints(final):
-        tmp = final.parent / f".{final.name}.partial-{uuid.uuid4().hex[:8]}"
-        try:
-            train_recipe(RECIPES[recipe], tmp, progress=progress)
-            if list_checkpoints(final):  # another process finished first: keep theirs
-                shutil.rmtree(tmp)
-            else:
-                if final.exists():
-                    shutil.rmtree(final)
-                os.replace(tmp, final)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
+        write_dir_atomic(final, lambda tmp: train_recipe(RECIPES[recipe], tmp, progress=progress))
     return load_checkpoint(final)

@@ -8,41 +8,43 @@ The three parts of Rombach et al. 2022 (LDM), at digit scale:
 
 Training (:func:`train_text2img`): the VAE first, then it is frozen and the UNet and text encoder
 are trained *jointly* on L_simple (eq-loss-simple) over scaled latents, with 10 % of captions
-replaced by the empty prompt. Sampling (:meth:`TextToImage.generate`) guides with the empty
-prompt as the unconditional input, eq. (eq-cfg), then decodes the latent.
+replaced by the empty prompt — both through the one :class:`tinyddpm.training.trainer.Trainer`
+(objectives :class:`~tinyddpm.training.objectives.ELBOObjective` and :class:`Text2ImgObjective`).
+The pipeline is saved as an ordinary Trainer checkpoint of model kind "text2img" (weights of all
+three networks in one safetensors file, the tokenizer and configs in config.json), so
+:func:`tinyddpm.load_checkpoint` loads it. Sampling (:meth:`TextToImage.generate`) guides with
+the empty prompt as the unconditional input, eq. (eq-cfg), then decodes the latent.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from safetensors.torch import load_model
 from torch import Tensor, nn
 
 from .cache import cache_dir
 from .checks import check_int, check_nonneg_float
+from .config_base import Config
 from .diffusion.schedule import NoiseSchedule
 from .nets.cross_attn_unet import CrossAttnUNet, CrossAttnUNetConfig
 from .nets.text import TextEncoder, TextEncoderConfig, Tokenizer, attribute_labels, random_captions
-from .nets.vae import VAE, VAEConfig, train_vae
+from .nets.vae import VAE, VAEConfig
 from .sampling.guidance import cfg_combine
 from .sampling.registry import SAMPLERS, sample
-from .training.checkpoint import _save_weights, write_dir_atomic
-from .training.config import DiffusionConfig
-from .training.ema import EMA
-from .training.losses import diffusion_loss
+from .training.config import DiffusionConfig, TrainConfig
+from .training.losses import diffusion_loss_at
+from .training.objectives import Batch, Objective
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: trained by the one Trainer, saved as a Trainer checkpoint of kind "text2img"
 
 
 @dataclass(frozen=True)
-class Text2ImgConfig:
+class Text2ImgConfig(Config):
     """Everything :func:`train_text2img` needs; saved with the pipeline."""
 
     vae: VAEConfig = field(default_factory=VAEConfig)
@@ -72,20 +74,17 @@ class Text2ImgConfig:
         if self.unet.context_dim != self.text.dim:
             raise ValueError(f"unet.context_dim ({self.unet.context_dim}) must equal text.dim ({self.text.dim})")
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Text2ImgConfig:
-        d = dict(d)
-        for key, sub in (("vae", VAEConfig), ("text", TextEncoderConfig), ("unet", CrossAttnUNetConfig),
-                         ("diffusion", DiffusionConfig)):
-            if key in d:
-                d[key] = sub(**d[key])
-        return cls(**d)
-
     def digest(self) -> str:
-        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
+        """A short hash of the config and the training code's version: names the cached pipeline."""
+        d = {**self.to_dict(), "format_version": FORMAT_VERSION}
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
+
+    def train_config(self, device: str = "cpu", progress: bool = False) -> TrainConfig:
+        """The Trainer settings of the UNet + text-encoder stage: AdamW, 100 warm-up steps, cosine, clip 1."""
+        return TrainConfig(steps=self.steps, batch_size=self.batch_size, lr=self.lr, warmup_steps=min(100, self.steps),
+                           lr_schedule="cosine", grad_clip=1.0, ema_decay=self.ema_decay, seed=self.seed,
+                           device=device, precision="fp32", label_dropout=0.0, log_every=100, progress=progress,
+                           keep_last=1)
 
 
 class TextToImage(nn.Module):
@@ -106,6 +105,7 @@ class TextToImage(nn.Module):
         self.tokenizer, self.text_encoder, self.unet, self.vae = tokenizer, text_encoder, unet, vae
         self.schedule, self.image_shape, self.latent_shape = schedule, tuple(image_shape), latent
         self.config = config
+        self._fingerprint: str | None = None  # the VAE hash recorded in a checkpoint (set by from_config)
 
     @property
     def device(self) -> torch.device:
@@ -152,121 +152,195 @@ class TextToImage(nn.Module):
         self.train(was_training)
         return z if return_latents else self.vae.from_latent(z).clamp(-1, 1)
 
-    # ------------------------------------------------------------------ save / load
-    def save(self, directory: str | Path) -> Path:
-        """Write ``directory`` atomically: three safetensors files and ``pipeline.json``."""
-        meta = {
-            "format_version": FORMAT_VERSION, "kind": "text2img", "image_shape": list(self.image_shape),
-            "latent_shape": list(self.latent_shape), "vae_fingerprint": self.vae.fingerprint(),
-            "tokenizer": self.tokenizer.to_config(), "text_encoder": asdict(self.text_encoder.config),
-            "unet": asdict(self.unet.config), "vae": asdict(self.vae.config), "schedule": self.schedule.to_config(),
-            "config": self.config.to_dict() if self.config else None,
+    # ------------------------------------------------------------------ training forward
+    def forward(self, z_t: Tensor, t: Tensor, ids: Tensor, mask: Tensor) -> Tensor:
+        """ε̂(z_t, t, prompt): the text encoder reads the token ids, the UNet the context (what training calls)."""
+        return self.unet(z_t, t, self.text_encoder(ids, mask), mask)
+
+    # ------------------------------------------------------------------ checkpoint kind "text2img"
+    def to_config(self) -> dict[str, Any]:
+        """Everything but the weights: rebuilds this pipeline with :meth:`from_config` (JSON values only)."""
+        return {
+            "format_version": FORMAT_VERSION, "image_shape": list(self.image_shape),
+            "latent_shape": list(self.latent_shape), "vae_fingerprint": self._fingerprint or self.vae.fingerprint(),
+            "tokenizer": self.tokenizer.to_config(), "text_encoder": self.text_encoder.config.to_dict(),
+            "unet": self.unet.config.to_dict(), "vae": self.vae.config.to_dict(),
+            "schedule": self.schedule.to_config(), "config": self.config.to_dict() if self.config else None,
         }
 
-        def write(tmp: Path) -> None:
-            for name in ("vae", "text_encoder", "unet"):
-                _save_weights(getattr(self, name), tmp / f"{name}.safetensors")
-            (tmp / "pipeline.json").write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
+    @classmethod
+    def from_config(cls, c: dict[str, Any]) -> TextToImage:
+        """A pipeline of the recorded shape with fresh weights; loading the weights then runs :meth:`verify_weights`."""
+        if c.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"text2img pipeline format {c.get('format_version')!r}, expected {FORMAT_VERSION}: "
+                             "retrain it with this version of tinyddpm")
+        vae = VAE(VAEConfig.from_dict(c["vae"])).requires_grad_(False)
+        pipe = cls(Tokenizer.from_config(c["tokenizer"]), TextEncoder(TextEncoderConfig.from_dict(c["text_encoder"])),
+                   CrossAttnUNet(CrossAttnUNetConfig.from_dict(c["unet"])), vae,
+                   NoiseSchedule.from_config(c["schedule"]), tuple(c["image_shape"]),
+                   Text2ImgConfig.from_dict(c["config"]) if c.get("config") else None)
+        if list(vae.latent_shape(pipe.image_shape)) != list(c["latent_shape"]):
+            raise ValueError(f"the VAE makes latents {vae.latent_shape(pipe.image_shape)} but the UNet was trained on "
+                             f"{tuple(c['latent_shape'])}")
+        pipe._fingerprint = c["vae_fingerprint"]
+        return pipe
 
-        return write_dir_atomic(Path(directory), write)
+    def verify_weights(self) -> None:
+        """After loading weights: the VAE must be the one the UNet was trained with (its recorded hash)."""
+        if self._fingerprint is not None and self.vae.fingerprint() != self._fingerprint:
+            raise ValueError(f"the VAE is not the one the UNet was trained with (weights hash "
+                             f"{self.vae.fingerprint()} != recorded {self._fingerprint}); its latents mean "
+                             f"something else to the UNet — retrain the UNet or restore that VAE")
+
+    def save(self, directory: str | Path, *, step: int = 0) -> Path:
+        """Write ``directory`` as a checkpoint run directory (kind "text2img"), atomically; returns the step dir."""
+        from .training.checkpoint import model_entry, save_checkpoint
+
+        config = {"format": 1, "step": step, "model": model_entry(self), "schedule": self.schedule.to_config(),
+                  "diffusion": self.config.diffusion.to_dict() if self.config else None, "train": None,
+                  "data": {"name": "custom", "shape": list(self.image_shape), "is_image": True}}
+        return save_checkpoint(directory, step=step, model=self, ema_model=self, config=config,
+                               state={"step": step}, keep_last=1)
 
     @classmethod
     def load(cls, directory: str | Path, device: str | torch.device = "cpu") -> TextToImage:
-        """Rebuild a saved pipeline; a VAE whose weights or latent shape differ from training is an error."""
-        d = Path(directory)
-        if not (d / "pipeline.json").is_file():
-            raise FileNotFoundError(f"{d} is not a saved text-to-image pipeline (no pipeline.json)")
-        meta = json.loads((d / "pipeline.json").read_text(encoding="utf-8"))
-        if meta.get("kind") != "text2img" or meta.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"{d}/pipeline.json is not a text2img pipeline of format {FORMAT_VERSION}")
-        vae = VAE(VAEConfig(**meta["vae"]))
-        text_encoder, unet = TextEncoder(TextEncoderConfig(**meta["text_encoder"])), CrossAttnUNet(
-            CrossAttnUNetConfig(**meta["unet"]))
-        for name, module in (("vae", vae), ("text_encoder", text_encoder), ("unet", unet)):
-            load_model(module, str(d / f"{name}.safetensors"), device=str(device))
-        image_shape = tuple(meta["image_shape"])
-        if list(vae.latent_shape(image_shape)) != meta["latent_shape"]:
-            raise ValueError(f"the VAE makes latents {vae.latent_shape(image_shape)} but the UNet was trained on "
-                             f"{tuple(meta['latent_shape'])}")
-        if vae.fingerprint() != meta["vae_fingerprint"]:
-            raise ValueError(f"the VAE in {d} is not the one the UNet was trained with (weights hash "
-                             f"{vae.fingerprint()} != recorded {meta['vae_fingerprint']}); its latents mean "
-                             f"something else to the UNet — retrain the UNet or restore that VAE")
-        config = Text2ImgConfig.from_dict(meta["config"]) if meta.get("config") else None
-        pipe = cls(Tokenizer.from_config(meta["tokenizer"]), text_encoder, unet, vae,
-                   NoiseSchedule.from_config(meta["schedule"]), image_shape, config)
-        return pipe.to(device).eval().requires_grad_(False)
+        """The pipeline in a checkpoint (run dir or step dir; EMA weights), via :func:`tinyddpm.load_checkpoint`."""
+        from .training.checkpoint import load_checkpoint
+
+        ck = load_checkpoint(directory, device=device)
+        if ck.model_kind != "text2img":
+            raise ValueError(f"{ck.path} holds a {ck.model_kind!r} model, not a text-to-image pipeline")
+        return ck.model
+
+
+class Text2ImgObjective(Objective):
+    """L_simple (eq-loss-simple) on scaled VAE latents z_0 ~ q(z | x), with the UNet reading the text
+    encoder's context of a fresh random caption per image (``caption_dropout`` of them empty).
+
+    Per step: indices, captions and t from the CPU generator; the posterior draw and ε from the
+    device generator. The model is a :class:`TextToImage` whose VAE is frozen.
+    """
+
+    name = "text2img"
+
+    def __init__(self, schedule: NoiseSchedule, prediction: str = "eps", *, caption_dropout: float = 0.1,
+                 attribute_prob: float = 0.5):
+        self.schedule, self.prediction = schedule, prediction
+        self.caption_dropout = check_nonneg_float("caption_dropout", caption_dropout)
+        self.attribute_prob = check_nonneg_float("attribute_prob", attribute_prob)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], schedule: NoiseSchedule) -> Text2ImgObjective:
+        return cls(schedule, d["prediction"], caption_dropout=d["caption_dropout"], attribute_prob=d["attribute_prob"])
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "prediction": self.prediction, "caption_dropout": self.caption_dropout,
+                "attribute_prob": self.attribute_prob}
+
+    def bind(self, trainer) -> None:
+        pipe, data = trainer.model, trainer.data
+        if not isinstance(pipe, TextToImage):
+            raise TypeError(f"the text2img objective trains a TextToImage; got {type(pipe).__name__}")
+        if getattr(data, "labels", None) is None or not getattr(data, "is_image", False):
+            raise ValueError("text-to-image training needs an image Dataset with digit labels "
+                             "(e.g. load_dataset('digits'))")
+        self.device, self.tokenizer = trainer.device, pipe.tokenizer
+        x = data.x.to(self.device, torch.float32)
+        with torch.no_grad():                                   # the frozen VAE: q(z | x) once for the whole set
+            self.mean, logvar = pipe.vae.encode(x)
+            self.std, self.scale = (0.5 * logvar).exp(), pipe.vae.scale_factor.detach().clone()
+        self.labels = data.labels.cpu()
+        self.thick, self.lean = attribute_labels(x.cpu(), self.labels)
+
+    def draw(self, B: int, batch_gen: torch.Generator, noise_gen: torch.Generator) -> Batch:
+        idx = torch.randint(len(self.labels), (B,), generator=batch_gen)
+        rows = idx.tolist()
+        captions = random_captions(self.labels[idx], [self.thick[i] for i in rows], [self.lean[i] for i in rows],
+                                   generator=batch_gen, attribute_prob=self.attribute_prob,
+                                   drop_prob=self.caption_dropout)
+        ids, mask = self.tokenizer.encode(captions)
+        t = torch.randint(1, self.schedule.T + 1, (B,), generator=batch_gen)
+        shape = (B, *self.mean.shape[1:])
+        return {"idx": idx, "ids": ids, "mask": mask, "t": t,
+                "eps_z": torch.randn(shape, generator=noise_gen, device=noise_gen.device),
+                "noise": torch.randn(shape, generator=noise_gen, device=noise_gen.device)}
+
+    def loss(self, net: nn.Module, batch: Batch) -> Tensor:
+        idx = batch["idx"].to(self.device)
+        z0 = (self.mean[idx] + self.std[idx] * batch["eps_z"]) * self.scale       # a draw from q(z | x), scaled
+        return diffusion_loss_at(net, self.schedule, z0, batch["t"], batch["noise"],   # t on the CPU: no sync
+                                 prediction=self.prediction,
+                                 model_kwargs={"ids": batch["ids"].to(self.device),
+                                               "mask": batch["mask"].to(self.device)})
 
 
 # ---------------------------------------------------------------------- training and the recipe
-def train_text2img(data, config: Text2ImgConfig = Text2ImgConfig(), *, device: str | torch.device = "cpu",
-                   log: list | None = None) -> TextToImage:
-    """Train the VAE, freeze it, then the UNet + text encoder jointly on captioned latents.
+def text2img_trainer(data, config: Text2ImgConfig = Text2ImgConfig(), *, device: str | torch.device = "cpu",
+                     out_dir: str | Path | None = None, progress: bool = False):
+    """Train the VAE (its own short Trainer run), freeze it, and return the Trainer of the second stage:
+    UNet + text encoder inside a :class:`TextToImage`, objective :class:`Text2ImgObjective`."""
+    from .training.objectives import train_vae
+    from .training.trainer import Trainer
 
-    ``data``: an image Dataset with digit labels in 0..9 (captions are written from them and from
-    the measured attributes). Deterministic per ``config.seed`` on a given device. ``log``
-    receives (step, loss) every 100 steps. Returns the pipeline with the EMA weights, in eval mode.
-    """
     if getattr(data, "labels", None) is None or not getattr(data, "is_image", False):
         raise ValueError("train_text2img needs an image Dataset with digit labels (e.g. load_dataset('digits'))")
-    x, labels = data.x.to(device), data.labels
+    device = torch.device(device)
     tokenizer = Tokenizer.for_digits(config.text.max_length)
-    text_cfg = TextEncoderConfig(**{**asdict(config.text), "vocab_size": len(tokenizer)})
-    config = Text2ImgConfig.from_dict({**config.to_dict(), "text": asdict(text_cfg)})
-    vae = train_vae(x, config=config.vae, steps=config.vae_steps, seed=config.seed, device=device)
-    with torch.no_grad():
-        mean, logvar = vae.encode(x)
-        std, scale = (0.5 * logvar).exp(), vae.scale_factor
-    thick, lean = attribute_labels(x.cpu(), labels)
+    config = config.replace(text=config.text.replace(vocab_size=len(tokenizer)))
+    vae = train_vae(data, config=config.vae, steps=config.vae_steps, seed=config.seed, device=device)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed + 1)
-        nets = nn.ModuleDict({"text_encoder": TextEncoder(text_cfg), "unet": CrossAttnUNet(config.unet)}).to(device)
-    ema = EMA(nets, decay=config.ema_decay)
+        text, unet = TextEncoder(config.text), CrossAttnUNet(config.unet)
     schedule = config.diffusion.build()
-    opt = torch.optim.AdamW(nets.parameters(), lr=config.lr, weight_decay=0.0)
-    lr_at = lambda s: min(1.0, (s + 1) / 100) * 0.5 * (1 + torch.cos(torch.tensor(s / config.steps * torch.pi)).item())  # noqa: E731
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
-    g = torch.Generator(device=device).manual_seed(config.seed)
-    g_cpu = torch.Generator().manual_seed(config.seed + 2)
-    nets.train()
-    for step in range(config.steps):
-        idx = torch.randint(0, len(x), (config.batch_size,), generator=g, device=device)
-        eps = torch.randn(mean[idx].shape, generator=g, device=device)
-        z0 = (mean[idx] + std[idx] * eps) * scale                      # a draw from q(z | x), scaled
-        captions = random_captions(labels[idx.cpu()], [thick[i] for i in idx.tolist()], [lean[i] for i in idx.tolist()],
-                                   generator=g_cpu, attribute_prob=config.attribute_prob,
-                                   drop_prob=config.caption_dropout)
-        ids, mask = tokenizer.encode(captions)
-        ids, mask = ids.to(device), mask.to(device)
-        context = nets["text_encoder"](ids, mask)
-        loss = diffusion_loss(nets["unet"], schedule, z0, prediction=config.diffusion.prediction, generator=g,
-                              model_kwargs={"context": context, "mask": mask})
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(nets.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        ema.update(nets)
-        if log is not None and step % 100 == 0:
-            log.append((step, float(loss.detach())))
-    best = ema.model
-    return TextToImage(tokenizer, best["text_encoder"], best["unet"], vae, schedule, tuple(x.shape[1:]),
-                       config).eval().requires_grad_(False)
+    pipe = TextToImage(tokenizer, text, unet, vae, schedule, tuple(data.x.shape[1:]), config)
+    objective = Text2ImgObjective(schedule, config.diffusion.prediction, caption_dropout=config.caption_dropout,
+                                  attribute_prob=config.attribute_prob)
+    return Trainer(pipe, schedule, data, config.train_config(device.type, progress), out_dir, config.diffusion,
+                   objective=objective)
+
+
+def train_text2img(data, config: Text2ImgConfig = Text2ImgConfig(), *, device: str | torch.device = "cpu",
+                   log: list | None = None, out_dir: str | Path | None = None, progress: bool = False) -> TextToImage:
+    """Train the VAE, freeze it, then the UNet + text encoder jointly on captioned latents (one Trainer each).
+
+    ``data``: an image Dataset with digit labels in 0..9 (captions are written from them and from
+    the measured attributes). Deterministic per ``config.seed`` on a given device. ``log`` receives
+    (step, loss) every 100 steps. With ``out_dir`` the second stage writes Trainer checkpoints of
+    kind "text2img" there; ``Trainer.resume(out_dir, data).train()`` continues an interrupted run.
+    Returns the pipeline with the EMA weights, in eval mode.
+    """
+    trainer = text2img_trainer(data, config, device=device, out_dir=out_dir, progress=progress)
+    history = trainer.train()
+    if log is not None:
+        log.extend((r["step"] - 1, r["loss"]) for r in history if (r["step"] - 1) % 100 == 0)
+    return trainer.ema_model.eval().requires_grad_(False)
 
 
 def load_or_train_text2img(config: Text2ImgConfig = Text2ImgConfig(), *, cache: str | Path | None = None,
                            device: str | torch.device = "cpu") -> TextToImage:
     """The digits text-to-image pipeline for ``config``: loaded from the cache, or trained (CPU:
-    a few minutes) on ``load_dataset("digits", split="train")`` and saved there first."""
+    a few minutes) on ``load_dataset("digits", split="train")`` into a temporary directory that is
+    renamed into place when complete (:func:`tinyddpm.atomic.write_dir_atomic`)."""
+    from .atomic import write_dir_atomic
     from .data.datasets import load_dataset
+    from .training.checkpoint import list_checkpoints
 
     root = Path(cache) if cache is not None else cache_dir("models")
     directory = root / f"text2img-digits-{config.digest()}"
-    if (directory / "pipeline.json").is_file():
-        return TextToImage.load(directory, device)
-    pipe = train_text2img(load_dataset("digits", split="train"), config, device=device)
-    pipe.save(directory)
-    return pipe
+    if not list_checkpoints(directory):
+        data = load_dataset("digits", split="train")
+        write_dir_atomic(directory, lambda tmp: train_text2img(data, config, device=device, out_dir=tmp))
+    return TextToImage.load(directory, device)
+
+
+def is_text2img_checkpoint(path: str | Path) -> bool:
+    """Whether ``path`` (run dir or step dir) holds a text-to-image pipeline (reads config.json only)."""
+    from .training.checkpoint import read_config, resolve_checkpoint
+
+    try:
+        return read_config(resolve_checkpoint(path))["model"]["kind"] == "text2img"
+    except (FileNotFoundError, ValueError, KeyError, TypeError):
+        return False
 
 
 def sample_prompt(ckpt_dir: str | Path, prompt: str, n: int = 8, guidance: float = 3.0, steps: int = 50,

@@ -1,20 +1,16 @@
 """Datasets: built-in toy sets and 8×8 digits, and loaders for data already on disk (book chapter 5).
 
-Everything comes back as a :class:`Dataset`: images as float32 (N, C, H, W) in [-1, 1], 2-D points
-as float32 (N, 2), labels as int64 (N,). Nothing is downloaded. Files on disk are parsed by hand
-(IDX headers with ``struct``; CIFAR pickles through an unpickler that can only rebuild numpy arrays),
-so loading data never executes code, and a truncated or foreign file is a clear error naming it.
+Everything comes back as a :class:`Dataset`: images from files as uint8 pixels (N, C, H, W) read as
+float32 in [-1, 1] at batch time, the digits and 2-D points as float32, labels as int64 (N,). Sets
+larger than memory stream from disk instead (:mod:`tinyddpm.data.stream`). Nothing is downloaded.
+Files on disk are parsed by hand (:mod:`tinyddpm.data.files`), so loading data never executes code,
+and a truncated or foreign file is a clear error naming it.
 """
 
 from __future__ import annotations
 
-import gzip
-import io
 import math
-import pickle
-import struct
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -24,7 +20,9 @@ from torch import Tensor
 
 from ..checks import check_choice, check_int
 from ..diffusion.mixture import GaussianMixture
-from .images import IMAGE_SUFFIXES, load_image
+from .files import load_cifar_batch, read_idx
+from .images import IMAGE_SUFFIXES, pixels_to_float, read_pixels
+from .stream import IdxStream, ImageFolderStream, StreamingImages
 
 DATASETS: tuple[str, ...] = ("digits", "moons", "swiss_roll", "mixture", "mnist", "fashion_mnist", "cifar10", "folder")
 Split = Literal["train", "test"]
@@ -33,65 +31,126 @@ DIGITS_TEST_SIZE = 297          # of 1,797 digits: 1,500 train / 297 test, strat
 _DIGITS_SPLIT_SEED = 20_200_619  # the split never depends on the user's seed, so "test" stays held out
 
 
-@dataclass(frozen=True, eq=False)  # eq=False: tensors have no single truth value; identity is equality
 class Dataset:
-    """Samples ``x`` (images (N, C, H, W) in [-1, 1], or points (N, D)), optional int64 ``labels`` (N,)."""
+    """Samples with optional int64 ``labels`` (N,) and their ``num_classes``.
 
-    x: Tensor
-    labels: Tensor | None = None
-    num_classes: int | None = None
-    name: str = "custom"
+    Give ``x`` as float32 (images (N, C, H, W) in [-1, 1], or points (N, D)), or images as uint8
+    pixels (N, C, H, W): those are stored as uint8 (CIFAR-10 takes 150 MB, not 600 MB) and become
+    floats p / 127.5 - 1 only when read. ``x`` is always float32: for pixel sets it is a fresh
+    conversion of the whole set on each access, so training and batching read :meth:`x_at` (only
+    the rows asked for) or ``pixels`` instead. Read-only: a Dataset never changes after construction.
+    """
 
-    def __post_init__(self) -> None:
-        x, y = self.x, self.labels
-        if not isinstance(x, Tensor) or x.dtype != torch.float32:
-            got = x.dtype if isinstance(x, Tensor) else type(x).__name__
-            raise TypeError(f"x must be a float32 tensor; got {got}")
-        if x.ndim not in (2, 4) or x.shape[0] < 1:
-            raise ValueError(f"x must have shape (N, C, H, W) for images or (N, D) for points; got {tuple(x.shape)}")
-        if not torch.isfinite(x).all():
-            raise ValueError("x contains NaN or infinite values")
-        if x.ndim == 4 and (float(x.min()) < -1 or float(x.max()) > 1):
-            raise ValueError(f"images must lie in [-1, 1]; got values in [{float(x.min()):.4g}, {float(x.max()):.4g}]")
-        if (y is None) != (self.num_classes is None):
+    __slots__ = ("_x", "_pixels", "_labels", "_num_classes", "_name")
+
+    def __init__(self, x: Tensor, labels: Tensor | None = None, num_classes: int | None = None, name: str = "custom"):
+        if isinstance(x, Tensor) and x.dtype == torch.uint8:
+            if x.ndim != 4 or x.shape[0] < 1:
+                raise ValueError(f"uint8 pixels must have shape (N, C, H, W) with N >= 1; got {tuple(x.shape)}")
+            pixels, floats = x, None
+        else:
+            if not isinstance(x, Tensor) or x.dtype != torch.float32:
+                got = x.dtype if isinstance(x, Tensor) else type(x).__name__
+                raise TypeError(f"x must be a float32 tensor (or uint8 pixels (N, C, H, W)); got {got}")
+            if x.ndim not in (2, 4) or x.shape[0] < 1:
+                raise ValueError(f"x must have shape (N, C, H, W) for images or (N, D) for points; "
+                                 f"got {tuple(x.shape)}")
+            if not torch.isfinite(x).all():
+                raise ValueError("x contains NaN or infinite values")
+            if x.ndim == 4 and (float(x.min()) < -1 or float(x.max()) > 1):
+                raise ValueError(f"images must lie in [-1, 1]; got values in "
+                                 f"[{float(x.min()):.4g}, {float(x.max()):.4g}]")
+            pixels, floats = None, x
+        n = x.shape[0]
+        y = labels
+        if (y is None) != (num_classes is None):
             raise ValueError("labels and num_classes go together: give both or neither")
-        if y is None:
-            return
-        check_int("num_classes", self.num_classes, low=1)
-        if not isinstance(y, Tensor) or y.dtype != torch.int64 or y.shape != (x.shape[0],):
-            got = f"{y.dtype} {tuple(y.shape)}" if isinstance(y, Tensor) else type(y).__name__
-            raise ValueError(f"labels must be an int64 tensor of shape (N,) = ({x.shape[0]},); got {got}")
-        if int(y.min()) < 0 or int(y.max()) >= self.num_classes:
-            raise ValueError(f"labels must lie in [0, {self.num_classes - 1}]; got [{int(y.min())}, {int(y.max())}]")
+        if y is not None:
+            check_int("num_classes", num_classes, low=1)
+            if not isinstance(y, Tensor) or y.dtype != torch.int64 or y.shape != (n,):
+                got = f"{y.dtype} {tuple(y.shape)}" if isinstance(y, Tensor) else type(y).__name__
+                raise ValueError(f"labels must be an int64 tensor of shape (N,) = ({n},); got {got}")
+            if int(y.min()) < 0 or int(y.max()) >= num_classes:
+                raise ValueError(f"labels must lie in [0, {num_classes - 1}]; got [{int(y.min())}, {int(y.max())}]")
+        object.__setattr__(self, "_x", floats)
+        object.__setattr__(self, "_pixels", pixels)
+        object.__setattr__(self, "_labels", y)
+        object.__setattr__(self, "_num_classes", num_classes)
+        object.__setattr__(self, "_name", name)
+
+    def __setattr__(self, key: str, value: object) -> None:
+        raise AttributeError(f"Dataset is read-only; cannot set {key!r} (build a new Dataset instead)")
+
+    def __reduce__(self) -> tuple:  # pickle / copy rebuild through __init__ (and its checks)
+        stored = self._x if self._pixels is None else self._pixels
+        return (Dataset, (stored, self._labels, self._num_classes, self._name))
+
+    def __repr__(self) -> str:
+        kind = "uint8 pixels" if self._pixels is not None else "float32"
+        return (f"Dataset(name={self._name!r}, n={len(self)}, shape={self.shape}, {kind}, "
+                f"num_classes={self._num_classes})")
+
+    @property
+    def x(self) -> Tensor:
+        """All samples as float32: images in [-1, 1] (converted now, for pixel sets), or points."""
+        return self._x if self._pixels is None else pixels_to_float(self._pixels)
+
+    @property
+    def pixels(self) -> Tensor | None:
+        """The uint8 pixels (N, C, H, W) of a pixel set; None for float data."""
+        return self._pixels
+
+    @property
+    def labels(self) -> Tensor | None:
+        return self._labels
+
+    @property
+    def num_classes(self) -> int | None:
+        return self._num_classes
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    def x_at(self, idx: Tensor | slice | list[int]) -> Tensor:
+        """The float32 samples at ``idx``, converting only those rows (the batch-time path)."""
+        return self._x[idx] if self._pixels is None else pixels_to_float(self._pixels[idx])
 
     def __len__(self) -> int:
-        return self.x.shape[0]
+        return (self._x if self._pixels is None else self._pixels).shape[0]
 
     @property
     def shape(self) -> tuple[int, ...]:
         """The shape of one sample: (C, H, W) or (D,)."""
-        return tuple(self.x.shape[1:])
+        return tuple((self._x if self._pixels is None else self._pixels).shape[1:])
 
     @property
     def is_image(self) -> bool:
-        return self.x.ndim == 4
+        return len(self.shape) == 3
+
+    def nbytes(self, dtype: torch.dtype | None = None) -> int:
+        """Bytes the samples take as stored (or as ``dtype``, e.g. torch.float32 for the decoded size)."""
+        stored = self._x if self._pixels is None else self._pixels
+        itemsize = stored.element_size() if dtype is None else torch.empty((), dtype=dtype).element_size()
+        return stored.numel() * itemsize
 
     def subset(self, idx: Tensor | slice | list[int]) -> Dataset:
-        """The samples at ``idx`` (indices, a boolean mask or a slice), with their labels."""
-        y = None if self.labels is None else self.labels[idx]
-        return Dataset(self.x[idx], y, self.num_classes, self.name)
+        """The samples at ``idx`` (indices, a boolean mask or a slice), with their labels (uint8 stays uint8)."""
+        y = None if self._labels is None else self._labels[idx]
+        stored = self._x if self._pixels is None else self._pixels
+        return Dataset(stored[idx], y, self._num_classes, self._name)
 
 
 def batches(
     data: Dataset, batch_size: int, generator: torch.Generator | None = None, *, drop_last: bool = False
 ) -> Iterator[tuple[Tensor, Tensor | None]]:
-    """One epoch of ``(x, labels)`` minibatches in an order drawn from ``generator``."""
+    """One epoch of float ``(x, labels)`` minibatches in an order drawn from ``generator``."""
     check_int("batch_size", batch_size, low=1)
     order = torch.randperm(len(data), generator=generator)
     stop = len(data) - len(data) % batch_size if drop_last else len(data)
     for i in range(0, stop, batch_size):
         idx = order[i:i + batch_size]
-        yield data.x[idx], None if data.labels is None else data.labels[idx]
+        yield data.x_at(idx), None if data.labels is None else data.labels[idx]
 
 
 # --- built-in sets -------------------------------------------------------------------------------
@@ -154,41 +213,6 @@ def _digits(split: str) -> Dataset:
 
 # --- files on disk -------------------------------------------------------------------------------
 
-def _read_bytes(file: Path, expected: str) -> bytes:
-    """The file's bytes, un-gzipped if it is gzip (by its magic bytes), or a ValueError naming it."""
-    raw = file.read_bytes()
-    if raw[:2] != b"\x1f\x8b":
-        return raw
-    try:
-        return gzip.decompress(raw)
-    except (OSError, EOFError, gzip.BadGzipFile) as e:
-        raise ValueError(f"{file.name}: corrupt or truncated gzip file (expected {expected}): {e}") from None
-
-
-def read_idx(file: str | Path, magic: int) -> np.ndarray:
-    """An IDX file (the MNIST format, raw or gzipped): big-endian magic, dims, then uint8 data.
-
-    ``magic`` is 0x00000803 for images (N, rows, cols) and 0x00000801 for labels (N,).
-    """
-    file = Path(file)
-    kind = {0x803: "IDX image file", 0x801: "IDX label file"}.get(magic, "IDX file")
-    data = _read_bytes(file, kind)
-    if len(data) < 4 or struct.unpack(">I", data[:4])[0] != magic:
-        got = f"0x{struct.unpack('>I', data[:4])[0]:08x}" if len(data) >= 4 else f"only {len(data)} bytes"
-        raise ValueError(f"{file.name}: not an {kind} (magic 0x{magic:08x} expected, got {got})")
-    ndim = magic & 0xFF
-    if len(data) < 4 + 4 * ndim:
-        raise ValueError(f"{file.name}: truncated {kind} (header needs {4 + 4 * ndim} bytes, file has {len(data)})")
-    dims = struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim])
-    size, body = math.prod(dims), len(data) - 4 - 4 * ndim
-    if body != size:
-        raise ValueError(
-            f"{file.name}: truncated or corrupt {kind}: header says {'×'.join(map(str, dims))} = {size} bytes "
-            f"of data, file holds {body}"
-        )
-    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
-
-
 def _find(folder: Path, names: list[str], what: str) -> Path:
     for name in names:
         if (folder / name).is_file():
@@ -196,15 +220,21 @@ def _find(folder: Path, names: list[str], what: str) -> Path:
     raise FileNotFoundError(f"{what}: none of {names} found in {folder}")
 
 
-def _idx_dataset(name: str, path: Path, split: str) -> Dataset:
+def _idx_files(name: str, path: Path, split: str, gz: bool = True) -> dict[str, Path]:
+    """The images and labels files of an IDX set in ``path`` (or a torchvision-style sub-folder)."""
     prefix = "train" if split == "train" else "t10k"
     folders = [path, path / "raw", path / "MNIST" / "raw", path / "FashionMNIST" / "raw"]
     folder = next((f for f in folders if any(f.glob(f"{prefix}-images*"))), path)
     found = {}
     for part, idx in (("images", 3), ("labels", 1)):
         stems = [f"{prefix}-{part}-idx{idx}-ubyte", f"{prefix}-{part}.idx{idx}-ubyte"]
-        names = [s + ext for s in stems for ext in ("", ".gz")]
-        found[part] = _find(folder, names, f"{name} {split} {part} (IDX format)")
+        names = [s + ext for s in stems for ext in (("", ".gz") if gz else ("",))]
+        found[part] = _find(folder, names, f"{name} {split} {part} (IDX format{'' if gz else ', uncompressed'})")
+    return found
+
+
+def _idx_dataset(name: str, path: Path, split: str) -> Dataset:
+    found = _idx_files(name, path, split)
     images = read_idx(found["images"], 0x803)
     labels = read_idx(found["labels"], 0x801)
     if len(images) != len(labels):
@@ -212,71 +242,8 @@ def _idx_dataset(name: str, path: Path, split: str) -> Dataset:
                          f"has {len(labels)} labels")
     if labels.size and labels.max() > 9:
         raise ValueError(f"{found['labels'].name}: labels must be 0..9; found {labels.max()}")
-    x = torch.from_numpy(images.astype(np.float32) / 127.5 - 1.0)[:, None]
+    x = torch.from_numpy(images.copy())[:, None]              # uint8 (N, 1, H, W); copy: frombuffer is read-only
     return Dataset(x, torch.from_numpy(labels.astype(np.int64)), 10, name)
-
-
-def _numpy_globals() -> dict[tuple[str, str], object]:
-    """The only globals a CIFAR pickle may name: what numpy needs to rebuild an array (numpy 1 and 2)."""
-    try:
-        from numpy._core import multiarray, numeric
-    except ImportError:  # numpy < 2
-        from numpy.core import multiarray, numeric
-    allowed: dict[tuple[str, str], object] = {}
-    for pkg in ("numpy.core", "numpy._core"):
-        allowed[(f"{pkg}.multiarray", "_reconstruct")] = multiarray._reconstruct
-        allowed[(f"{pkg}.multiarray", "scalar")] = multiarray.scalar
-        allowed[(f"{pkg}.numeric", "_frombuffer")] = numeric._frombuffer
-    allowed[("numpy", "ndarray")] = np.ndarray
-    allowed[("numpy", "dtype")] = np.dtype
-    allowed[("_codecs", "encode")] = _latin1_bytes   # how Python 3 writes bytes at pickle protocol 2
-    return allowed
-
-
-def _latin1_bytes(text: str, encoding: str = "latin1") -> bytes:
-    """``codecs.encode`` restricted to what pickle protocol 2 uses it for: str -> bytes in latin-1."""
-    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
-        raise pickle.UnpicklingError(f"refused codecs.encode with encoding {encoding!r} (only latin1 rebuilds bytes)")
-    return text.encode("latin1")
-
-
-class _ArrayUnpickler(pickle.Unpickler):
-    """Rebuilds dicts, lists, bytes and numpy arrays; refuses every other global, so nothing can run."""
-
-    def __init__(self, file, name: str):
-        super().__init__(file, encoding="latin1")
-        self._name, self._allowed = name, _numpy_globals()
-
-    def find_class(self, module: str, name: str):
-        if (module, name) in self._allowed:
-            return self._allowed[(module, name)]
-        raise pickle.UnpicklingError(
-            f"{self._name}: refused to load {module}.{name}: a CIFAR batch may only contain numpy arrays, "
-            "lists, bytes and dicts (loading data never executes code)"
-        )
-
-
-def _load_cifar_batch(file: Path) -> tuple[np.ndarray, np.ndarray]:
-    expected = "a CIFAR-10 python batch (a pickled dict with 'data' (N, 3072) uint8 and 'labels')"
-    try:
-        d = _ArrayUnpickler(io.BytesIO(file.read_bytes()), file.name).load()
-    except pickle.UnpicklingError as e:
-        if "refused" in str(e):
-            raise ValueError(str(e) if str(e).startswith(file.name) else f"{file.name}: {e}") from None
-        raise ValueError(f"{file.name}: corrupt or truncated pickle (expected {expected}): {e}") from None
-    except (EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError, struct.error) as e:
-        raise ValueError(f"{file.name}: corrupt or truncated pickle (expected {expected}): {e!r}") from None
-    if not isinstance(d, dict):
-        raise ValueError(f"{file.name}: not {expected}; got a {type(d).__name__}")
-    d = {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in d.items()}
-    if "data" not in d or "labels" not in d:
-        raise ValueError(f"{file.name}: not {expected}; keys are {sorted(map(str, d))}")
-    data, labels = np.asarray(d["data"]), np.asarray(d["labels"])
-    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or labels.shape != (len(data),):
-        raise ValueError(f"{file.name}: not {expected}; data is {data.dtype} {data.shape}, labels {labels.shape}")
-    if labels.size and (labels.min() < 0 or labels.max() > 9):
-        raise ValueError(f"{file.name}: labels must be 0..9; got [{labels.min()}, {labels.max()}]")
-    return data, labels.astype(np.int64)
 
 
 def _cifar10(path: Path, split: str) -> Dataset:
@@ -286,9 +253,9 @@ def _cifar10(path: Path, split: str) -> Dataset:
     if missing:
         raise FileNotFoundError(f"cifar10 {split}: {', '.join(missing)} not found in {folder} "
                                 "(expected the python batches of cifar-10-python.tar.gz)")
-    parts = [_load_cifar_batch(folder / n) for n in names]
+    parts = [load_cifar_batch(folder / n) for n in names]
     data = np.concatenate([p[0] for p in parts]).reshape(-1, 3, 32, 32)       # rows are R, G, B planes
-    x = torch.from_numpy(data.astype(np.float32) / 127.5 - 1.0)
+    x = torch.from_numpy(np.ascontiguousarray(data))                             # uint8 (N, 3, 32, 32)
     return Dataset(x, torch.from_numpy(np.concatenate([p[1] for p in parts])), 10, "cifar10")
 
 
@@ -301,7 +268,7 @@ def _folder(path: Path, image_size: int, channels: int) -> Dataset:
     if top and nested:
         raise ValueError(f"folder: {path} has images both at its top level ({top[0].name}, ...) and in "
                          "sub-folders; put every image in a class sub-folder, or none")
-    x = torch.stack([load_image(f, image_size=image_size, channels=channels) for f in files])
+    x = torch.stack([read_pixels(f, image_size=image_size, channels=channels) for f in files])  # uint8
     if top:
         return Dataset(x, None, None, "folder")
     classes = sorted({f.relative_to(path).parts[0] for f in files})
@@ -309,10 +276,30 @@ def _folder(path: Path, image_size: int, channels: int) -> Dataset:
     return Dataset(x, labels, len(classes), "folder")
 
 
+def _stream(name: str, path: str | Path | None, split: str, n: int | None, image_size: int,
+            channels: int) -> StreamingImages:
+    if name not in ("folder", "mnist", "fashion_mnist"):
+        raise ValueError(f"stream=True works for 'folder', 'mnist' and 'fashion_mnist'; {name!r} fits in memory "
+                         "(load it without stream=True)")
+    if n is not None:
+        raise ValueError("n= (a random subset) is not available with stream=True")
+    if path is None:
+        raise ValueError(f"dataset {name!r} needs path= (the folder holding its files); nothing is downloaded")
+    path = Path(path).expanduser()
+    if not path.is_dir():
+        raise FileNotFoundError(f"{name}: {path} is not a folder")
+    if name == "folder":
+        if split != "train":
+            raise ValueError("folder has no test split; point path= at another folder instead")
+        return ImageFolderStream(path, image_size=image_size, channels=channels)
+    found = _idx_files(name, path, split, gz=False)
+    return IdxStream(found["images"], found["labels"], name=name)
+
+
 def load_dataset(
     name: str, path: str | Path | None = None, *, split: Split = "train", n: int | None = None, seed: int = 0,
-    image_size: int = 32, channels: Literal[1, 3] = 3,
-) -> Dataset:
+    image_size: int = 32, channels: Literal[1, 3] = 3, stream: bool = False,
+) -> Dataset | StreamingImages:
     """Load a dataset by name (one of :data:`DATASETS`) as a :class:`Dataset`.
 
     - ``"digits"``: scikit-learn's 1,797 bundled 8×8 digits, (N, 1, 8, 8), labels 0–9; a fixed
@@ -325,9 +312,17 @@ def load_dataset(
       ``channels`` 1 or 3; labels from the class sub-folders if there are any (``"train"`` only).
 
     For image sets, ``n`` takes a random subset of that size (drawn with ``seed``).
+
+    ``stream=True`` (``"folder"``, and ``"mnist"``/``"fashion_mnist"`` with uncompressed files) returns
+    a :class:`~tinyddpm.data.stream.StreamingImages` set that reads each image from disk when a batch
+    needs it (:func:`~tinyddpm.data.loader.make_batch_source`): for sets larger than memory.
     """
     check_choice("name", name, DATASETS)
     check_choice("split", split, SPLITS)
+    if not isinstance(stream, bool):
+        raise TypeError(f"stream must be True or False; got {type(stream).__name__}")
+    if stream:
+        return _stream(name, path, split, n, image_size, channels)
     check_int("seed", seed)
     if n is not None:
         check_int("n", n, low=1)

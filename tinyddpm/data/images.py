@@ -1,4 +1,8 @@
-"""Image I/O without torchvision: [-1, 1] tensors <-> uint8 pixels, sample grids, PNG files (PIL)."""
+"""Image I/O without torchvision: [-1, 1] tensors <-> uint8 pixels, sample grids, PNG files (PIL).
+
+Pixels are stored as uint8 (a quarter of float32's memory) and become floats in [-1, 1] only when a
+batch is used: :func:`pixels_to_float` is the one place that maps p -> p / 127.5 - 1.
+"""
 
 from __future__ import annotations
 
@@ -72,14 +76,24 @@ def save_grid(x: Tensor | np.ndarray, path: str | Path, nrow: int | None = None,
     return path
 
 
-def load_image(path: str | Path, image_size: int | None = None, channels: Literal[1, 3] = 3) -> Tensor:
-    """One image file as a float32 tensor (channels, H, W) in [-1, 1].
+def pixels_to_float(pixels: Tensor) -> Tensor:
+    """uint8 pixels (any shape) -> float32 in [-1, 1]: p / 127.5 - 1 (0 -> -1, 255 -> 1), on their device."""
+    if not isinstance(pixels, Tensor) or pixels.dtype != torch.uint8:
+        got = pixels.dtype if isinstance(pixels, Tensor) else type(pixels).__name__
+        raise TypeError(f"pixels must be a uint8 tensor; got {got}")
+    return pixels.float() / 127.5 - 1.0
+
+
+def read_pixels(path: str | Path, image_size: int | None = None, channels: Literal[1, 3] = 3) -> Tensor:
+    """One image file as uint8 pixels (channels, H, W).
 
     With ``image_size`` the shorter side is resized to it (bicubic, antialiased) and the centre is
     cropped to image_size × image_size. ``channels`` 1 converts to grey, 3 to RGB.
     """
     if channels not in (1, 3):
         raise ValueError(f"channels must be 1 or 3; got {channels!r}")
+    if image_size is not None:
+        check_int("image_size", image_size, low=1)
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such image file")
@@ -88,13 +102,18 @@ def load_image(path: str | Path, image_size: int | None = None, channels: Litera
             im = im.convert("L" if channels == 1 else "RGB")
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise ValueError(f"{path.name}: not a readable image file ({', '.join(sorted(IMAGE_SUFFIXES))}): {e}") from None
-    if image_size is not None:
-        check_int("image_size", image_size, low=1)
+    if image_size is not None and im.size != (image_size, image_size):
         w, h = im.size
         scale = image_size / min(w, h)
         new_w, new_h = max(image_size, round(w * scale)), max(image_size, round(h * scale))
         im = im.resize((new_w, new_h), Image.Resampling.BICUBIC)
         left, top = (new_w - image_size) // 2, (new_h - image_size) // 2
         im = im.crop((left, top, left + image_size, top + image_size))
-    a = np.asarray(im, dtype=np.float32).reshape(im.size[1], im.size[0], channels)
-    return torch.from_numpy(a / 127.5 - 1.0).permute(2, 0, 1).contiguous()
+    a = np.asarray(im, dtype=np.uint8).reshape(im.size[1], im.size[0], channels)
+    return torch.from_numpy(a.copy()).permute(2, 0, 1).contiguous()
+
+
+def load_image(path: str | Path, image_size: int | None = None, channels: Literal[1, 3] = 3) -> Tensor:
+    """One image file as a float32 tensor (channels, H, W) in [-1, 1] (:func:`read_pixels`, then
+    :func:`pixels_to_float`)."""
+    return pixels_to_float(read_pixels(path, image_size=image_size, channels=channels))

@@ -14,8 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..checks import check_int, check_timesteps
-from .broadcast import extract
+from ..checks import check_choice, check_int, check_timesteps
 from .schedule import NoiseSchedule
 
 F64 = torch.float64
@@ -91,46 +90,129 @@ class GaussianMixture:
         per_k = -(x.to(F64)[:, None, :] - self.means) / self.stds**2          # (N, K, D)
         return (r[..., None] * per_k).sum(1)
 
-    def marginal(self, t: int, schedule: NoiseSchedule) -> GaussianMixture:
-        """q_t = the law of x_t when x_0 follows this mixture, eq. (eq-marginal-mixture)."""
-        t = int(check_timesteps(t, schedule.T))
-        ab = float(schedule.alpha_bars[t])
+    def marginal(self, t: int | float | Tensor, schedule: NoiseSchedule) -> GaussianMixture:
+        """q_t = the law of x_t when x_0 follows this mixture, eq. (eq-marginal-mixture).
+
+        ``t`` is an integer step in [0, T] or a fractional one (a Python float or a 0-d float tensor),
+        where ᾱ(t) = 1/(1 + σ(t)²) with σ(t) interpolated as :meth:`NoiseSchedule.sigma_at` does.
+        ``gm.marginal(t, s).score(x)`` is the exact ∇ log q_t(x).
+        """
+        ab = self._alpha_bar(t, schedule, low=0)
+        if ab.ndim:
+            raise ValueError(f"marginal needs one t (a scalar); got shape {tuple(ab.shape)}")
+        ab = float(ab)
         return GaussianMixture(math.sqrt(ab) * self.means, (ab * self.stds**2 + 1 - ab).sqrt(), self.weights)
 
-    def optimal_eps(self, xt: Tensor, t: int | Tensor, schedule: NoiseSchedule) -> Tensor:
+    @staticmethod
+    def _alpha_bar(t: int | float | Tensor, schedule: NoiseSchedule, low: int) -> Tensor:
+        """ᾱ_t as float64, shape () or (N,): the table at integer t, 1/(1 + σ(t)²) at fractional t."""
+        if isinstance(t, float) or (isinstance(t, Tensor) and t.is_floating_point()):
+            return schedule.alpha_bar_at(t)
+        return schedule.alpha_bars[check_timesteps(t, schedule.T, low=low).cpu()]
+
+    def _rows_t(self, xt: Tensor, t: int | float | Tensor, schedule: NoiseSchedule, low: int) -> Tensor:
+        self._check_x(xt)
+        ab = self._alpha_bar(t, schedule, low)
+        if ab.ndim > 1 or (ab.ndim == 1 and ab.shape[0] != xt.shape[0]):
+            raise ValueError(f"t has shape {tuple(ab.shape)} but x_t has {xt.shape[0]} rows")
+        if ab.ndim == 1 and ab.numel() and bool((ab == ab[0]).all()):
+            ab = ab[0]                                              # samplers pass one t for all rows
+        return ab
+
+    def _posterior(self, x: Tensor, scale: Tensor, noise_var: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """For x = scale · x_0 + √noise_var · ε: p(k | x) (N, K), x - scale μ_k and the variances (N, K, D).
+
+        Each component's x is N(scale μ_k, scale² σ_k² + noise_var); ``scale``, ``noise_var`` are
+        0-d or (N,) float64.
+        """
+        scale = scale.reshape(-1, 1, 1) if scale.ndim else scale
+        noise_var = noise_var.reshape(-1, 1, 1) if noise_var.ndim else noise_var
+        var = scale**2 * self.stds**2 + noise_var                          # (N or 1, K, D)
+        diff = x[:, None, :] - scale * self.means                           # (N, K, D)
+        logp = torch.log(self.weights) - 0.5 * ((diff**2 / var).sum(-1) + torch.log(var).sum(-1))
+        return torch.softmax(logp, dim=-1), diff, var.expand_as(diff)
+
+    def optimal_eps(self, xt: Tensor, t: int | float | Tensor, schedule: NoiseSchedule) -> Tensor:
         """E[ε | x_t] = √(1-ᾱ_t) Σ_k p(k | x_t) (x_t - √ᾱ_t μ_k) / (ᾱ_t σ_k² + 1 - ᾱ_t), eq. (eq-optimal-eps).
 
-        ``t`` is an int or a (N,) LongTensor in [1, T]; the result has x_t's dtype. This is the
-        MSE-optimal ε-network for this data, so a sampler driven by it is tested with no
-        training error in the way.
+        ``t`` is an int or a (N,) LongTensor in [1, T], or fractional steps (a float or a float
+        tensor in [0, T], ᾱ(t) = 1/(1 + σ(t)²), :meth:`NoiseSchedule.sigma_at`); the result has
+        x_t's dtype. This is the MSE-optimal ε-network for this data, so a sampler driven by it is
+        tested with no training error in the way.
         """
-        self._check_x(xt)
-        t = check_timesteps(t, schedule.T, low=1)
-        if t.ndim == 1 and t.shape[0] != xt.shape[0]:
-            raise ValueError(f"t has shape {tuple(t.shape)} but x_t has {xt.shape[0]} rows")
-        x = xt.to(F64)
-        if t.ndim == 1 and t.numel() and bool((t == t[0]).all()):
-            t = t[0]                                                # samplers pass one t for all rows
-        if t.ndim == 0:
+        ab = self._rows_t(xt, t, schedule, low=1)
+        x = xt.detach().to(device="cpu", dtype=F64)
+        if ab.ndim == 0:
             # One ᾱ for every row: var is (K, D) and the sums over D become matrix products (≈3x faster).
-            ab = schedule.alpha_bars[t]
             mu, prec = ab.sqrt() * self.means, 1.0 / (ab * self.stds**2 + 1 - ab)          # (K, D)
             quad = (x * x) @ prec.T - 2 * x @ (mu * prec).T + (mu * mu * prec).sum(-1)   # Σ_d (x_d-μ_d)²/var_d
             r = torch.softmax(torch.log(self.weights) - 0.5 * (quad - torch.log(prec).sum(-1)), dim=-1)
             eps = (1 - ab).sqrt() * (x * (r @ prec) - r @ (mu * prec))                   # (N, D)
-            return eps.to(xt.dtype)
-        ab = extract(schedule.alpha_bars, t, x)[..., None]         # ᾱ_t per row, (N, 1, 1)
-        mu = ab.sqrt() * self.means                                 # (N, K, D)
-        var = ab * self.stds**2 + (1 - ab)                          # (N, K, D)
-        diff = x[:, None, :] - mu                                   # (N, K, D)
-        logp = torch.log(self.weights) - 0.5 * ((diff**2 / var).sum(-1) + torch.log(var).sum(-1))
-        r = torch.softmax(logp, dim=-1)                             # p(k | x_t), (N, K)
-        eps = (1 - ab[:, 0]).sqrt() * (r[..., None] * diff / var).sum(1)
-        return eps.to(xt.dtype)
+            return eps.to(device=xt.device, dtype=xt.dtype)
+        r, diff, var = self._posterior(x, ab.sqrt(), 1 - ab)
+        eps = (1 - ab).sqrt()[:, None] * (r[..., None] * diff / var).sum(1)
+        return eps.to(device=xt.device, dtype=xt.dtype)
 
-    def as_model(self, schedule: NoiseSchedule):
-        """A callable ``model(x_t, t)`` returning the exact E[ε | x_t]: plug it into any sampler."""
-        return lambda xt, t: self.optimal_eps(xt, t, schedule)
+    def optimal_x0(self, xt: Tensor, t: int | float | Tensor, schedule: NoiseSchedule) -> Tensor:
+        """E[x_0 | x_t] = Σ_k p(k | x_t) (μ_k + √ᾱ_t σ_k² (x_t - √ᾱ_t μ_k) / (ᾱ_t σ_k² + 1 - ᾱ_t)).
+
+        The Gaussian conditional mean per component, weighted by the responsibilities; defined at
+        every t in [0, T] including ᾱ_T = 0 (where it is the mixture's mean), unlike
+        (x_t - √(1-ᾱ) E[ε | x_t]) / √ᾱ, which it equals elsewhere (Tweedie).
+        """
+        ab = self._rows_t(xt, t, schedule, low=0)
+        x = xt.detach().to(device="cpu", dtype=F64)
+        r, diff, var = self._posterior(x, ab.sqrt(), 1 - ab)
+        a = ab.sqrt().reshape(-1, 1, 1) if ab.ndim else ab.sqrt()
+        x0 = (r[..., None] * (self.means + a * self.stds**2 * diff / var)).sum(1)
+        return x0.to(device=xt.device, dtype=xt.dtype)
+
+    def as_model(self, schedule: NoiseSchedule, prediction: str = "eps") -> Callable[[Tensor, Tensor], Tensor]:
+        """A callable ``model(x_t, t)``: the exact E[ε | x_t] (or E[x_0 | x_t], or v) to plug into any sampler.
+
+        ``prediction="v"`` returns √ᾱ E[ε | x_t] - √(1-ᾱ) E[x_0 | x_t] (Salimans & Ho 2022), the model
+        to pass with ``prediction="v"`` — the one that works at zero terminal SNR.
+        """
+        check_choice("prediction", prediction, ("eps", "x0", "v"))
+        if prediction == "eps":
+            return lambda xt, t: self.optimal_eps(xt, t, schedule)
+        if prediction == "x0":
+            return lambda xt, t: self.optimal_x0(xt, t, schedule)
+
+        def v_model(xt: Tensor, t: Tensor) -> Tensor:
+            ab = self._rows_t(xt, t, schedule, low=1)
+            ab = ab[:, None] if ab.ndim else ab
+            x = xt.detach().to(device="cpu", dtype=F64)
+            v = ab.sqrt() * self.optimal_eps(x, t, schedule) - (1 - ab).sqrt() * self.optimal_x0(x, t, schedule)
+            return v.to(device=xt.device, dtype=xt.dtype)
+        return v_model
+
+    def velocity(self, x: Tensor, t: float | Tensor) -> Tensor:
+        """The exact flow-matching velocity u_t(x) = E[ε - x_0 | x_t = x] for x_t = (1 - t) x_0 + t ε.
+
+        Rectified-flow / Stable Diffusion 3 convention (Liu et al. 2023; Esser et al. 2024): t ∈ [0, 1],
+        t = 0 is data, t = 1 is pure noise, and sampling integrates dx/dt = u_t(x) from 1 to 0.
+        Per component, x_t | k ~ N((1-t) μ_k, v_k) with v_k = (1-t)² σ_k² + t², and (x_0, ε, x_t) are
+        jointly Gaussian, so E[x_0 | x_t, k] = μ_k + (1-t) σ_k² (x - (1-t) μ_k)/v_k and
+        E[ε | x_t, k] = t (x - (1-t) μ_k)/v_k. Hence
+
+            u_t(x) = Σ_k p(k | x_t = x) [ (t - (1-t) σ_k²) (x - (1-t) μ_k) / v_k - μ_k ].
+
+        ``t`` is a float or a float tensor of shape () or (N,); the result has x's dtype and device.
+        """
+        self._check_x(x)
+        if isinstance(t, bool) or not isinstance(t, (int, float, Tensor)):
+            raise TypeError(f"t must be a float in [0, 1] or a tensor of them; got {type(t).__name__}")
+        tt = t.detach().to(device="cpu", dtype=F64) if isinstance(t, Tensor) else torch.tensor(float(t), dtype=F64)
+        if tt.ndim > 1 or (tt.ndim == 1 and tt.shape[0] != x.shape[0]):
+            raise ValueError(f"t must be a scalar or have shape (N,) = ({x.shape[0]},); got {tuple(tt.shape)}")
+        if not torch.isfinite(tt).all() or (tt < 0).any() or (tt > 1).any():
+            raise ValueError("t must lie in [0, 1] (0 = data, 1 = noise)")
+        xx = x.detach().to(device="cpu", dtype=F64)
+        r, diff, var = self._posterior(xx, 1 - tt, tt**2)
+        tk = tt.reshape(-1, 1, 1) if tt.ndim else tt
+        u = (r[..., None] * ((tk - (1 - tk) * self.stds**2) * diff / var - self.means)).sum(1)
+        return u.to(device=x.device, dtype=x.dtype)
 
 
 class ClassMixture:

@@ -159,6 +159,79 @@ class NoiseSchedule:
         """log SNR(t) = log ᾱ_t - log(1 - ᾱ_t)."""
         return torch.log(self.alpha_bars) - torch.log1p(-self.alpha_bars)
 
+    # ---------------------------------------------------------------- continuous noise levels
+    @property
+    def sigmas(self) -> Tensor:
+        """σ_t = √((1-ᾱ_t)/ᾱ_t) for t = 0..T (length T+1, float64): σ_0 = 0, σ_T = ∞ if ᾱ_T = 0.
+
+        Karras et al. (2022)'s noise level: x_t / √ᾱ_t = x_0 + σ_t ε, eq. (eq-prob-flow-ode).
+        """
+        ab = self.alpha_bars
+        return ((1.0 - ab) / ab).sqrt()
+
+    def sigma_at(self, t: float | Tensor) -> Tensor:
+        """σ(t) for a real t in [0, T]: log σ interpolated linearly between the integer steps.
+
+        The continuous extension k-diffusion uses for discrete-time networks (its
+        ``DiscreteSchedule.t_to_sigma``), in paper indexing: on [1, T] log σ is piecewise linear in t,
+        and on [0, 1] σ itself is linear (σ_0 = 0 has no logarithm). Integer t gives
+        ``sigmas[t]`` exactly. With ᾱ_T = 0, σ(t) = ∞ on (T-1, T]. Returns a float64 tensor
+        shaped like t (on CPU).
+        """
+        t = self._real_t(t)
+        sig = self.sigmas
+        lo = t.floor().long().clamp(0, self.T - 1)
+        w = t - lo
+        s_lo, s_hi = sig[lo], sig[lo + 1]
+        with torch.no_grad():
+            log_mix = torch.exp((1 - w) * s_lo.clamp(min=1e-300).log() + w * s_hi.log())
+        out = torch.where(lo == 0, w * s_hi, log_mix)                 # [0, 1]: linear in σ
+        out = torch.where(w == 0, s_lo, torch.where(w == 1, s_hi, out))
+        return out
+
+    def t_from_sigma(self, sigma: float | Tensor) -> Tensor:
+        """The real t in [0, T] with σ(t) = σ: the inverse of :meth:`sigma_at` (float64, on CPU).
+
+        σ must lie in [0, σ_T]; with ᾱ_T = 0 the continuous range ends at σ_{T-1} (σ = ∞ maps to T).
+        """
+        sig = self.sigmas
+        sigma = torch.as_tensor(sigma, dtype=F64)
+        sigma = sigma.detach().to(device="cpu", dtype=F64) if sigma.device.type != "cpu" else sigma.to(F64)
+        if torch.isnan(sigma).any() or (sigma < 0).any():
+            raise ValueError("sigma must be >= 0 (a noise level σ = √((1-ᾱ)/ᾱ))")
+        top = sig[-1] if torch.isfinite(sig[-1]) else sig[-2]
+        bad = (sigma > top) & ~(torch.isinf(sigma) & torch.isinf(sig[-1]))
+        if bad.any():
+            raise ValueError(
+                f"sigma must lie in [0, {float(top):.6g}] (the schedule's largest finite σ, "
+                f"t = {self.T if torch.isfinite(sig[-1]) else self.T - 1}); got {float(sigma.max()):.6g}"
+            )
+        finite = sig[1:self.T] if not torch.isfinite(sig[-1]) else sig[1:]     # σ_1 .. σ_top, increasing
+        log_tab = finite.log()
+        i = torch.searchsorted(finite, sigma.clamp(min=finite[0], max=finite[-1]).contiguous(), right=False)
+        i = i.clamp(1, finite.numel() - 1)                                   # segment [finite[i-1], finite[i]]
+        a, b = log_tab[i - 1], log_tab[i]
+        w = ((sigma.clamp(min=finite[0], max=finite[-1]).log() - a) / (b - a)).clamp(0, 1)
+        t = i.to(F64) + w                                                    # finite[i-1] is σ at step i
+        t = torch.where(sigma < finite[0], sigma / finite[0], t)            # [0, 1]: linear in σ
+        return torch.where(torch.isinf(sigma), torch.full_like(t, float(self.T)), t)
+
+    def alpha_bar_at(self, t: float | Tensor) -> Tensor:
+        """ᾱ(t) = 1 / (1 + σ(t)²) for a real t in [0, T] (float64); equals ``alpha_bars[t]`` at integers."""
+        return 1.0 / (1.0 + self.sigma_at(t) ** 2)
+
+    def _real_t(self, t: float | Tensor) -> Tensor:
+        if isinstance(t, bool) or not isinstance(t, (int, float, Tensor)):
+            raise TypeError(f"t must be a number or a tensor of (fractional) steps; got {type(t).__name__}")
+        t = torch.as_tensor(t, dtype=F64) if not isinstance(t, Tensor) else t.detach()   # no float32 detour
+        if t.dtype == torch.bool or t.is_complex():
+            raise TypeError(f"t must be a real number or tensor; got dtype {t.dtype}")
+        t = t.to(device="cpu", dtype=F64)
+        if not torch.isfinite(t).all() or (t < 0).any() or (t > self.T).any():
+            raise ValueError(f"t must lie in [0, {self.T}] (paper indexing, fractional steps allowed); "
+                             f"got values in [{float(t.min()):.6g}, {float(t.max()):.6g}]")
+        return t
+
     def __repr__(self) -> str:
         return f"NoiseSchedule({self.name}, T={self.T}, ᾱ_T={float(self.alpha_bars[-1]):.3g})"
 
@@ -249,3 +322,35 @@ class NoiseSchedule:
         if prediction == "x0":
             return x0
         return self.v_from_x0_eps(x0, t, eps)
+
+    # ---------------------------------------------------------------- diffusers schedulers (interop)
+    @classmethod
+    def from_diffusers(cls, scheduler: object) -> NoiseSchedule:
+        """The schedule of a diffusers scheduler (DDPMScheduler, DDIMScheduler, ...): β_{i+1} = its ``betas[i]``.
+
+        diffusers indexes steps i = 0..T-1, so our ``alpha_bars[i + 1]`` is its ``alphas_cumprod[i]``
+        (recomputed here in float64 from its β's). A zero-terminal-SNR schedule (β_T = 1) is kept.
+        """
+        betas = getattr(scheduler, "betas", None)
+        if not isinstance(betas, Tensor) or betas.ndim != 1 or betas.numel() < 1:
+            raise TypeError(f"expected a diffusers scheduler with a 1-D tensor `betas` (DDPMScheduler, DDIMScheduler"
+                            f", ...); got {type(scheduler).__name__}")
+        b = torch.cat([torch.zeros(1, dtype=F64), betas.detach().to("cpu", F64)])
+        return cls(b, name=f"diffusers:{type(scheduler).__name__}", _allow_terminal_one=bool(b[-1] == 1))
+
+    def to_diffusers(self, prediction: Prediction = "eps", **scheduler_kwargs: object) -> object:
+        """A diffusers ``DDPMScheduler`` with exactly these β's (``trained_betas``) and the model's prediction.
+
+        ``prediction`` 'eps' | 'x0' | 'v' becomes diffusers' ``prediction_type`` ('epsilon', 'sample',
+        'v_prediction'). Defaults match ``td.ddpm_sample``: σ_t² = β̃_t (``variance_type="fixed_small"``)
+        and no clipping of x̂_0 (``clip_sample=False``); ``scheduler_kwargs`` override any setting.
+        Needs diffusers installed.
+        """
+        check_choice("prediction", prediction, PREDICTIONS)
+        from diffusers import DDPMScheduler
+
+        kind = {"eps": "epsilon", "x0": "sample", "v": "v_prediction"}[prediction]
+        kwargs = dict(num_train_timesteps=self.T, trained_betas=self.betas[1:].tolist(), prediction_type=kind,
+                      variance_type="fixed_small", clip_sample=False)
+        kwargs.update(scheduler_kwargs)
+        return DDPMScheduler(**kwargs)

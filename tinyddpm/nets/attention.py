@@ -1,4 +1,4 @@
-"""Attention for text conditioning: scaled dot-product attention and the SpatialTransformer (ch. 9).
+"""Attention: scaled dot-product attention, the one multi-head layer, and the SpatialTransformer (ch. 9).
 
 Cross-attention, eq. (eq-cross-attention): queries come from the image features, keys and values
 from the text context,
@@ -14,9 +14,18 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..checks import check_int
+
+
+def _check_mask(mask: Tensor, k: Tensor) -> None:
+    if not isinstance(mask, Tensor) or mask.dtype != torch.bool or mask.shape != (k.shape[0], k.shape[2]):
+        got = f"{mask.dtype} {tuple(mask.shape)}" if isinstance(mask, Tensor) else type(mask).__name__
+        raise ValueError(f"mask must be a bool tensor of shape (B, M) = {(k.shape[0], k.shape[2])}; got {got}")
+    if not bool(mask.any(-1).all()):
+        raise ValueError("every row of mask needs at least one True (unpadded) key")
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -28,13 +37,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> tu
     """
     scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])      # (B, H, N, M)
     if mask is not None:
-        if mask.dtype != torch.bool or mask.ndim != 2 or mask.shape != (k.shape[0], k.shape[2]):
-            raise ValueError(
-                f"mask must be a bool tensor of shape (B, M) = {(k.shape[0], k.shape[2])}; "
-                f"got {mask.dtype} {tuple(mask.shape)}"
-            )
-        if not bool(mask.any(-1).all()):
-            raise ValueError("every row of mask needs at least one True (unpadded) key")
+        _check_mask(mask, k)
         scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))
     weights = scores.softmax(dim=-1)
     return weights @ v, weights
@@ -43,31 +46,44 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> tu
 class MultiHeadAttention(nn.Module):
     """Multi-head attention; self-attention when ``context`` is None, cross-attention otherwise.
 
-    Set ``store_attention = True`` and the last weights (B, heads, N, M) are kept in
-    ``last_attention`` (detached) for plotting.
+    ``out = to_out(concat_h Attention(x W_Q^h, c W_K^h, c W_V^h))``. The one attention of the package:
+    the text encoder and the SpatialTransformer use it without biases on Q, K, V (``bias=False``),
+    the UNet's self-attention block with them (``bias=True``, as DDPM and diffusers).
+
+    The forward pass runs ``F.scaled_dot_product_attention`` (a fused kernel, same result). Set
+    ``store_attention = True`` and it runs the explicit :func:`attention` instead and keeps the
+    last weights (B, heads, N, M), detached, in ``last_attention`` for plotting.
     """
 
-    def __init__(self, dim: int, context_dim: int | None = None, heads: int = 4):
+    def __init__(self, dim: int, context_dim: int | None = None, heads: int = 4, bias: bool = False):
         super().__init__()
+        dim = check_int("dim", dim, low=1)
         heads = check_int("heads", heads, low=1)
         if dim % heads:
             raise ValueError(f"dim ({dim}) must be divisible by heads ({heads})")
-        context_dim = dim if context_dim is None else context_dim
+        context_dim = dim if context_dim is None else check_int("context_dim", context_dim, low=1)
         self.heads = heads
-        self.to_q = nn.Linear(dim, dim, bias=False)
-        self.to_k = nn.Linear(context_dim, dim, bias=False)
-        self.to_v = nn.Linear(context_dim, dim, bias=False)
+        self.to_q = nn.Linear(dim, dim, bias=bias)
+        self.to_k = nn.Linear(context_dim, dim, bias=bias)
+        self.to_v = nn.Linear(context_dim, dim, bias=bias)
         self.to_out = nn.Linear(dim, dim)
         self.store_attention = False
         self.last_attention: Tensor | None = None
 
     def forward(self, x: Tensor, context: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
+        """x (B, N, dim), context (B, M, context_dim) or None (= x), mask (B, M) bool -> (B, N, dim)."""
         context = x if context is None else context
         B, N, D = x.shape
         split = lambda t: t.reshape(B, t.shape[1], self.heads, D // self.heads).transpose(1, 2)  # (B, H, n, d)
-        out, weights = attention(split(self.to_q(x)), split(self.to_k(context)), split(self.to_v(context)), mask)
+        q, k, v = split(self.to_q(x)), split(self.to_k(context)), split(self.to_v(context))
         if self.store_attention:
+            out, weights = attention(q, k, v, mask)
             self.last_attention = weights.detach()
+        else:
+            if mask is not None:
+                _check_mask(mask, k)
+                mask = mask[:, None, None, :]                                        # (B, 1, 1, M)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)           # (B, H, N, d)
         return self.to_out(out.transpose(1, 2).reshape(B, N, D))
 
 

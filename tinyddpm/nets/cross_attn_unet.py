@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..checks import check_int
+from ..config_base import Config
 from .attention import SpatialTransformer
 from .embeddings import TimeEmbedding, check_t
 from .unet import Downsample, ResBlock, Upsample
@@ -32,7 +33,7 @@ class _TimeRes(nn.Module):
 
 
 @dataclass(frozen=True)
-class CrossAttnUNetConfig:
+class CrossAttnUNetConfig(Config):
     latent_channels: int = 2
     channels: int = 24          # width at the latent resolution; 2× at the half resolution
     context_dim: int = 64

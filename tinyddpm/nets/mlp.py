@@ -1,7 +1,8 @@
 """A small residual MLP denoiser for 2-D (or any (B, D)) toy data — book chapters 4-7.
 
-The same contract as the UNet: ``model(x_t, t, y=None) -> (B, D)``, t a (B,) LongTensor. The time
-embedding (plus the label embedding, if any) is added before every hidden layer.
+The same contract as the UNet: ``model(x_t, t, y=None) -> (B, D)``, t a (B,) LongTensor (or a float
+tensor of fractional steps). The time embedding (plus the label embedding, if any) is added before
+every hidden layer.
 """
 
 from __future__ import annotations

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from ..checks import check_int
+from ..config_base import Config
 from .attention import TransformerBlock
 
 SPECIAL_TOKENS: tuple[str, ...] = ("<pad>", "<unk>", "<bos>", "<eos>")
@@ -111,12 +112,22 @@ class Tokenizer:
 
 
 @dataclass(frozen=True)
-class TextEncoderConfig:
+class TextEncoderConfig(Config):
+    """Vocabulary size (0 = "set it from the tokenizer", as Text2ImgConfig's default does), context length
+    K, width E, number of self-attention blocks and heads."""
+
     vocab_size: int
     max_length: int = 8
     dim: int = 64
     depth: int = 2
     heads: int = 4
+
+    def __post_init__(self) -> None:
+        check_int("vocab_size", self.vocab_size, low=0)
+        for name in ("max_length", "dim", "depth", "heads"):
+            check_int(name, getattr(self, name), low=1)
+        if self.dim % self.heads:
+            raise ValueError(f"dim ({self.dim}) must be divisible by heads ({self.heads})")
 
 
 class TextEncoder(nn.Module):

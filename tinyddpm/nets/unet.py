@@ -21,10 +21,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..checks import check_choice, check_int
+from .attention import MultiHeadAttention
 from .embeddings import ConditionEmbedding, TimeEmbedding, check_t
 
 TimeInjection = Literal["scale_shift", "add"]
 TIME_INJECTIONS: tuple[str, ...] = ("scale_shift", "add")
+MidAttention = Literal["norm", "no_norm", "none"]
+MID_ATTENTIONS: tuple[str, ...] = ("norm", "no_norm", "none")
 
 
 class ResBlock(nn.Module):
@@ -35,13 +38,15 @@ class ResBlock(nn.Module):
     for ``"scale_shift"``, or a single shift added before the second norm for ``"add"`` (DDPM).
     """
 
-    def __init__(self, in_ch: int, out_ch: int, groups: int, dropout: float, time_injection: str):
+    def __init__(
+        self, in_ch: int, out_ch: int, groups: int, dropout: float, time_injection: str, eps: float = 1e-5
+    ):
         super().__init__()
         self.scale_shift = time_injection == "scale_shift"
         self.emb_channels = 2 * out_ch if self.scale_shift else out_ch   # width of this block's slice
-        self.norm1 = nn.GroupNorm(groups, in_ch)
+        self.norm1 = nn.GroupNorm(groups, in_ch, eps=eps)
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
-        self.norm2 = nn.GroupNorm(groups, out_ch)
+        self.norm2 = nn.GroupNorm(groups, out_ch, eps=eps)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else None
         self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
         self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else None
@@ -59,34 +64,40 @@ class ResBlock(nn.Module):
         return (x if self.skip is None else self.skip(x)) + self.conv2(h)
 
 
-class Attention(nn.Module):
-    """Multi-head self-attention over the H·W positions, with a residual: x + W_o softmax(QKᵀ/√d) V."""
+class AttentionBlock(nn.Module):
+    """Self-attention over the H·W positions with a residual: x + MHA(GN(x)) (DDPM's AttnBlock).
 
-    def __init__(self, ch: int, num_heads: int, groups: int):
+    ``norm=False`` drops the GroupNorm (the middle of diffusers' scale-shift UNet2DModel has none).
+    """
+
+    def __init__(self, ch: int, heads: int, groups: int, eps: float = 1e-5, norm: bool = True):
         super().__init__()
-        self.num_heads = num_heads
-        self.norm = nn.GroupNorm(groups, ch)
-        self.qkv = nn.Linear(ch, 3 * ch)
-        self.proj = nn.Linear(ch, ch)
+        self.norm = nn.GroupNorm(groups, ch, eps=eps) if norm else None
+        self.attn = MultiHeadAttention(ch, heads=heads, bias=True)
 
     def forward(self, x: Tensor) -> Tensor:
         B, C, H, W = x.shape
-        h = self.norm(x).flatten(2).transpose(1, 2)                              # (B, HW, C)
-        qkv = self.qkv(h).view(B, H * W, 3, self.num_heads, C // self.num_heads)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4)                                     # each (B, nh, HW, hd)
-        o = F.scaled_dot_product_attention(q, k, v)                              # (B, nh, HW, hd)
-        o = self.proj(o.transpose(1, 2).reshape(B, H * W, C))                    # (B, HW, C)
-        return x + o.transpose(1, 2).reshape(B, C, H, W)
+        h = x if self.norm is None else self.norm(x)
+        h = self.attn(h.flatten(2).transpose(1, 2))                                # (B, HW, C)
+        return x + h.transpose(1, 2).reshape(B, C, H, W)
 
 
 class Downsample(nn.Module):
-    """Halve H and W with a stride-2 3×3 convolution."""
+    """Halve H and W with a stride-2 3×3 convolution.
 
-    def __init__(self, ch: int):
+    ``padding=1`` pads one pixel on every side (DDPM's TF code pads asymmetrically; the result has
+    the same size); ``padding=0`` pads only right and bottom, then convolves unpadded — diffusers'
+    layout for its DDPM ports (``downsample_padding=0``).
+    """
+
+    def __init__(self, ch: int, padding: int = 1):
         super().__init__()
-        self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=1)
+        self.padding = check_int("downsample_padding", padding, low=0, high=1)
+        self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=self.padding)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.padding == 0:
+            x = F.pad(x, (0, 1, 0, 1))
         return self.conv(x)
 
 
@@ -124,19 +135,29 @@ def _check_sizes(image_size: int, levels: int) -> None:
 
 
 class UNet(nn.Module):
-    """DDPM's UNet: ``model(x_t, t, y=None, context=None) -> (B, out_channels, H, W)``.
+    """DDPM's UNet: ``model(x_t, t, y=None, context=None, context_mask=None) -> (B, out_channels, H, W)``.
 
-    ``attention_levels`` are level indices (level i is at ``image_size / 2**i``); the middle always
-    has attention. ``num_classes`` adds class labels with the null label ``num_classes`` (also what
-    ``y=None`` means); ``context_dim`` adds a context vector (all zeros = unconditional). The
-    constructor's arguments are kept in ``self.config`` (JSON-able): ``UNet(**m.config)`` rebuilds it.
+    ``attention_levels`` are level indices (level i is at ``image_size / 2**i``); the middle has
+    attention unless ``mid_attention="none"`` (``"no_norm"``: without its GroupNorm). Attention layers
+    have ``num_heads`` heads each, or ``channels // head_dim`` heads when ``head_dim`` is set.
+    ``num_classes`` adds class labels with the null label ``num_classes`` (also what ``y=None``
+    means); ``context_dim`` adds a context (B, K, context_dim), mean-pooled over K (all zeros =
+    unconditional). ``t`` is paper-indexed (integer, or float for fractional steps).
+
+    Options for diffusers layouts (``tinyddpm.interop``): ``norm_eps`` (every GroupNorm's ε),
+    ``downsample_padding`` (see :class:`Downsample`), ``flip_sin_to_cos``/``freq_shift`` (see
+    :func:`timestep_embedding`) and ``time_shift`` (the embedding reads t + time_shift; -1 for a
+    diffusers model, whose step index is t - 1). The constructor's arguments are kept in
+    ``self.config`` (JSON-able): ``UNet(**m.config)`` rebuilds it.
     """
 
     def __init__(
         self, in_channels: int = 1, out_channels: int | None = None, image_size: int = 8, base_channels: int = 32,
         channel_mults: tuple[int, ...] = (1, 2), num_res_blocks: int = 1, attention_levels: tuple[int, ...] = (1,),
         num_heads: int = 1, dropout: float = 0.0, num_classes: int | None = None, context_dim: int | None = None,
-        groups: int = 8, time_injection: TimeInjection = "scale_shift",
+        groups: int = 8, time_injection: TimeInjection = "scale_shift", norm_eps: float = 1e-5,
+        downsample_padding: int = 1, head_dim: int | None = None, mid_attention: MidAttention = "norm",
+        flip_sin_to_cos: bool = False, freq_shift: int = 1, time_shift: int = 0,
     ):
         super().__init__()
         in_channels = check_int("in_channels", in_channels, low=1)
@@ -146,7 +167,20 @@ class UNet(nn.Module):
         num_res_blocks = check_int("num_res_blocks", num_res_blocks, low=1)
         num_heads = check_int("num_heads", num_heads, low=1)
         groups = check_int("groups", groups, low=1)
+        downsample_padding = check_int("downsample_padding", downsample_padding, low=0, high=1)
+        freq_shift = check_int("freq_shift", freq_shift, low=0, high=1)
+        time_shift = check_int("time_shift", time_shift)
         check_choice("time_injection", time_injection, TIME_INJECTIONS)
+        check_choice("mid_attention", mid_attention, MID_ATTENTIONS)
+        if not isinstance(flip_sin_to_cos, bool):
+            raise TypeError(f"flip_sin_to_cos must be a bool; got {type(flip_sin_to_cos).__name__}")
+        if isinstance(norm_eps, bool) or not isinstance(norm_eps, (int, float)) or not 0 < norm_eps < 1:
+            raise ValueError(f"norm_eps must be a number in (0, 1); got {norm_eps!r}")
+        if head_dim is not None:
+            head_dim = check_int("head_dim", head_dim, low=1)
+            if num_heads != 1:
+                raise ValueError(f"pass num_heads or head_dim, not both; got num_heads={num_heads}, "
+                                 f"head_dim={head_dim}")
         if not isinstance(channel_mults, (tuple, list)) or not channel_mults:
             raise ValueError(f"channel_mults must be a non-empty sequence of ints like (1, 2); got {channel_mults!r}")
         mults = [check_int("channel_mults[i]", m, low=1) for m in channel_mults]
@@ -160,7 +194,10 @@ class UNet(nn.Module):
         for c in {base_channels, *chans}:
             if c % groups:
                 raise ValueError(f"every channel count must be divisible by groups={groups}; {c} is not")
-        for c in {chans[a] for a in attn_levels} | {chans[-1]}:
+        attn_chans = {chans[a] for a in attn_levels} | ({chans[-1]} if mid_attention != "none" else set())
+        for c in sorted(attn_chans):
+            if head_dim is not None and c % head_dim:
+                raise ValueError(f"head_dim={head_dim} must divide the channels of every attention layer; {c} is not")
             if c % num_heads:
                 raise ValueError(f"num_heads={num_heads} must divide the channels of every attention layer; {c} is not")
         _check_sizes(image_size, L)
@@ -168,14 +205,19 @@ class UNet(nn.Module):
             in_channels=in_channels, out_channels=out_channels, image_size=image_size, base_channels=base_channels,
             channel_mults=mults, num_res_blocks=num_res_blocks, attention_levels=attn_levels, num_heads=num_heads,
             dropout=float(dropout), num_classes=num_classes, context_dim=context_dim, groups=groups,
-            time_injection=time_injection,
+            time_injection=time_injection, norm_eps=float(norm_eps), downsample_padding=downsample_padding,
+            head_dim=head_dim, mid_attention=mid_attention, flip_sin_to_cos=flip_sin_to_cos, freq_shift=freq_shift,
+            time_shift=time_shift,
         )
         self.levels = L
         emb_dim = 4 * base_channels
-        self.time_emb = TimeEmbedding(base_channels, emb_dim)
+        self.time_emb = TimeEmbedding(base_channels, emb_dim, flip_sin_to_cos=flip_sin_to_cos, freq_shift=freq_shift,
+                                      time_shift=time_shift)
         self.cond_emb = ConditionEmbedding(emb_dim, num_classes, context_dim)
-        block = lambda i, o: ResBlock(i, o, groups, dropout, time_injection)  # noqa: E731
-        attn = lambda c, on: Attention(c, num_heads, groups) if on else nn.Identity()  # noqa: E731
+        eps = float(norm_eps)
+        heads = lambda c: c // head_dim if head_dim is not None else num_heads  # noqa: E731
+        block = lambda i, o: ResBlock(i, o, groups, dropout, time_injection, eps)  # noqa: E731
+        attn = lambda c, on: AttentionBlock(c, heads(c), groups, eps) if on else nn.Identity()  # noqa: E731
 
         self.conv_in = nn.Conv2d(in_channels, base_channels, 3, padding=1)
         skips, ch = [base_channels], base_channels
@@ -187,11 +229,13 @@ class UNet(nn.Module):
                 att.append(attn(c, i in attn_levels))
                 ch = c
                 skips.append(ch)
-            down = Downsample(ch) if i < L - 1 else None
+            down = Downsample(ch, downsample_padding) if i < L - 1 else None
             if down is not None:
                 skips.append(ch)
             self.down.append(Level(res, att, down))
-        self.mid = Level([block(ch, ch), block(ch, ch)], [Attention(ch, num_heads, groups), nn.Identity()], None)
+        mid_attn = (nn.Identity() if mid_attention == "none"
+                    else AttentionBlock(ch, heads(ch), groups, eps, norm=mid_attention == "norm"))
+        self.mid = Level([block(ch, ch), block(ch, ch)], [mid_attn, nn.Identity()], None)
         self.up = nn.ModuleList()
         for i, c in reversed(list(enumerate(chans))):
             res, att = [], []
@@ -200,13 +244,13 @@ class UNet(nn.Module):
                 att.append(attn(c, i in attn_levels))
                 ch = c
             self.up.append(Level(res, att, Upsample(ch) if i > 0 else None))
-        self.norm_out = nn.GroupNorm(groups, ch)
+        self.norm_out = nn.GroupNorm(groups, ch, eps=eps)
         self.conv_out = nn.Conv2d(ch, out_channels, 3, padding=1)
 
         # Every ResBlock's linear map of e, stacked into one Linear: one matmul per forward instead of
         # one per block (small models are launch-bound). Same parameters as separate maps; the "+1"
         # of the scale (1 + s) is a constant offset on the scale rows, added to the bias.
-        blocks = [m for m in self.modules() if isinstance(m, ResBlock)]
+        blocks = self.res_blocks()
         self.emb_proj = nn.Linear(emb_dim, sum(b.emb_channels for b in blocks))
         offset = [torch.cat([torch.ones(b.emb_channels // 2), torch.zeros(b.emb_channels // 2)])
                   if b.scale_shift else torch.zeros(b.emb_channels) for b in blocks]
@@ -215,12 +259,19 @@ class UNet(nn.Module):
                            for c in ((b.emb_channels // 2,) * 2 if b.scale_shift else (b.emb_channels,))]
         self._emb_per_block = 2 if time_injection == "scale_shift" else 1
 
+    def res_blocks(self) -> list[ResBlock]:
+        """Every ResBlock in the order the forward pass runs them (= the row order of ``emb_proj``)."""
+        return [r for part in (*self.down, self.mid, *self.up) for r in part.res]
+
     @property
     def null_label(self) -> int | None:
         """The label index meaning "no label" (= num_classes), or None for an unconditional model."""
         return self.cond_emb.null_label
 
-    def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None, context: Tensor | None = None) -> Tensor:
+    def forward(
+        self, x: Tensor, t: Tensor, y: Tensor | None = None, context: Tensor | None = None,
+        context_mask: Tensor | None = None,
+    ) -> Tensor:
         cfg = self.config
         if not isinstance(x, Tensor) or x.ndim != 4 or x.shape[1] != cfg["in_channels"]:
             got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
@@ -230,7 +281,7 @@ class UNet(nn.Module):
             raise ValueError(f"H and W must be multiples of {factor} ({self.levels} levels); got {tuple(x.shape[2:])}")
         t = check_t(t, x)
         emb = self.time_emb(t)                                              # (B, 4·base)
-        cond = self.cond_emb(x.shape[0], x.device, y, context)
+        cond = self.cond_emb(x.shape[0], x.device, y, context, context_mask)
         if cond is not None:
             emb = emb + cond
         emb = F.silu(emb)

@@ -23,10 +23,11 @@ import torch
 from torch import Tensor, nn
 
 from ..checks import check_int, check_nonneg_float
+from ..config_base import Config
 
 
 @dataclass(frozen=True)
-class VAEConfig:
+class VAEConfig(Config):
     in_channels: int = 1
     latent_channels: int = 2
     channels: int = 16
@@ -143,45 +144,3 @@ class VAE(nn.Module):
 
     def to_config(self) -> dict:
         return asdict(self.config)
-
-
-def _images(data) -> Tensor:
-    x = getattr(data, "x", data)
-    if not isinstance(x, Tensor) or x.ndim != 4:
-        raise TypeError("data must be an image Dataset (with .x of shape (N, C, H, W)) or such a tensor")
-    return x.float()
-
-
-def train_vae(
-    data, *, config: VAEConfig = VAEConfig(), steps: int = 600, batch_size: int = 64, lr: float = 2e-3,
-    seed: int = 0, device: str | torch.device = "cpu", log: list | None = None,
-) -> VAE:
-    """Train a :class:`VAE` on an image Dataset (or tensor) in [-1, 1], then fit its ``scale_factor``.
-
-    Adam with a cosine-decayed learning rate; the same seed gives the same weights on the same
-    device. ``log`` (a list) receives one (step, loss, squared error, KL) tuple every 100 steps.
-    The returned VAE is in eval mode with gradients off: in latent diffusion it stays frozen.
-    """
-    steps, batch_size = check_int("steps", steps, low=1), check_int("batch_size", batch_size, low=1)
-    x = _images(data).to(device)
-    if x.shape[1] != config.in_channels:
-        raise ValueError(f"data has {x.shape[1]} channels but config.in_channels = {config.in_channels}")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        vae = VAE(config).to(device)
-    g = torch.Generator(device=device).manual_seed(seed)
-    opt = torch.optim.Adam(vae.parameters(), lr=lr)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
-    vae.train()
-    for step in range(steps):
-        idx = torch.randint(0, len(x), (min(batch_size, len(x)),), generator=g, device=device)
-        loss, rec, kl = vae.loss(x[idx], g)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        if log is not None and step % 100 == 0:
-            log.append((step, float(loss.detach()), float(rec.detach()), float(kl.detach())))
-    vae.eval().requires_grad_(False)
-    vae.fit_scale_factor(x, g)
-    return vae

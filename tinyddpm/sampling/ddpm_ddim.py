@@ -7,7 +7,8 @@ guidance and conditioning wrap the model, so the samplers stay unconditional.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 import torch
@@ -16,6 +17,9 @@ from torch import Tensor
 from ..checks import check_batch, check_choice, check_int, check_nonneg_float, check_same_shape, check_timesteps
 from ..diffusion.broadcast import extract
 from ..diffusion.schedule import PREDICTIONS, NoiseSchedule, Prediction
+from .common import check_eps_at_zero_snr, check_model, check_trajectory, record, start
+from .denoiser import predict_at
+from .grids import schedule_grid
 
 Model = Callable[[Tensor, Tensor], Tensor]
 Variance = Literal["beta_tilde", "beta"]
@@ -151,21 +155,6 @@ def ddim_timesteps(T: int, steps: int, spacing: Spacing = "trailing") -> list[in
     return sorted(set(ts), reverse=True)
 
 
-def _prepare(
-    model: Model, shape: tuple[int, ...], generator: torch.Generator | None, device
-) -> tuple[Tensor, torch.device]:
-    if not callable(model):
-        raise TypeError("model must be a callable model(x_t, t) -> prediction")
-    if not isinstance(shape, (tuple, list, torch.Size)) or len(shape) < 1 or not all(
-        isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape
-    ):
-        raise ValueError(f"shape must be a tuple of positive ints like (B, C, H, W) or (B, D); got {shape!r}")
-    if device is None:
-        device = generator.device if generator is not None else torch.device("cpu")
-    device = torch.device(device)
-    return torch.randn(tuple(shape), generator=generator, device=device), device
-
-
 def _predict(
     model: Model, s: NoiseSchedule, x: Tensor, t: int, prediction: Prediction, clip_x0,
 ) -> tuple[Tensor, Tensor]:
@@ -191,69 +180,78 @@ def _predict(
 def ddpm_sample(
     model: Model, s: NoiseSchedule, shape: tuple[int, ...], *, generator: torch.Generator | None = None,
     variance: Variance = "beta_tilde", clip_x0: bool | float = False, prediction: Prediction = "eps",
-    return_trajectory: bool = False, device: torch.device | str | None = None,
-) -> Tensor | tuple[Tensor, list[Tensor]]:
+    x_T: Tensor | None = None, device: torch.device | str | None = None, trajectory: list[Tensor] | None = None,
+) -> Tensor:
     """Ancestral sampling, DDPM Algorithm 2: x_T ~ N(0, I), then T steps of (eq-ddpm-step).
 
-    With ``return_trajectory`` also returns [x_T, x_{T-1}, ..., x_0] (on CPU).
+    The common keywords (``x_T``, ``generator``, ``device``, ``trajectory``) are described in
+    :mod:`tinyddpm.sampling.common`; ``trajectory=[]`` receives [x_T, x_{T-1}, ..., x_0] (on CPU).
     """
     check_choice("variance", variance, VARIANCES)
     check_choice("prediction", prediction, PREDICTIONS)
-    x, _ = _prepare(model, shape, generator, device)
-    traj = [x.cpu()] if return_trajectory else None
+    check_eps_at_zero_snr([float(s.alpha_bars[s.T])], prediction, "ddpm_sample")
+    x, noise = start(model, shape, generator=generator, device=device, x_T=x_T, trajectory=trajectory)
     for t in range(s.T, 0, -1):
         x0, _ = _predict(model, s, x, t, prediction, clip_x0)            # 1. predict ε, hence x̂_0
-        z = torch.randn(x.shape, generator=generator, device=x.device) if t > 1 else None  # 2. z
+        z = noise() if t > 1 else None                                   # 2. z ~ N(0, I), none at t = 1
         x = ddpm_step_x0(s, x, t, x0, z, variance)                       # 3. x_{t-1}
-        if traj is not None:
-            traj.append(x.cpu())
-    return (x, traj) if traj is not None else x
+        record(trajectory, x)
+    return x
 
 
 @torch.no_grad()
 def ddim_sample(
-    model: Model, s: NoiseSchedule, shape: tuple[int, ...], *, steps: int = 50, eta: float = 0.0,
-    spacing: Spacing = "trailing", generator: torch.Generator | None = None, clip_x0: bool | float = False,
-    prediction: Prediction = "eps", return_trajectory: bool = False, x_T: Tensor | None = None,
-    device: torch.device | str | None = None,
-) -> Tensor | tuple[Tensor, list[Tensor]]:
-    """DDIM sampling over ``ddim_timesteps(T, steps, spacing)``, eq. (eq-ddim-step) at each step.
+    model: Model, s: NoiseSchedule, shape: tuple[int, ...], *, steps: int | None = None, eta: float = 0.0,
+    spacing: Spacing = "trailing", sigmas: Tensor | Sequence[float] | None = None,
+    generator: torch.Generator | None = None, clip_x0: bool | float = False, prediction: Prediction = "eps",
+    x_T: Tensor | None = None, device: torch.device | str | None = None, trajectory: list[Tensor] | None = None,
+) -> Tensor:
+    """DDIM sampling over ``ddim_timesteps(T, steps, spacing)`` (steps default 50), eq. (eq-ddim-step) at each step.
 
-    ``x_T`` starts from a given latent (deterministic decoding when η = 0) instead of fresh noise.
+    ``sigmas=`` runs the same update on any descending VE noise levels instead (e.g.
+    :func:`tinyddpm.karras_sigmas`), with ᾱ = 1/(1 + σ²) and the model called at fractional
+    t = ``s.t_from_sigma(σ)``; the last step goes to σ = 0 either way. ``x_T`` starts from a given
+    latent (deterministic decoding when η = 0) instead of fresh noise; ``trajectory=[]`` receives
+    [x_T, x_{t_1}, ..., x_0]. See :mod:`tinyddpm.sampling.common`.
     """
     eta = check_nonneg_float("eta", eta)
     check_choice("prediction", prediction, PREDICTIONS)
-    ts = ddim_timesteps(s.T, steps, spacing)
-    x, _ = _prepare(model, shape, generator, device)
-    if x_T is not None:
-        check_same_shape(x_T=x_T, noise=x)
-        x = x_T.to(x.device)
-    traj = [x.cpu()] if return_trajectory else None
-    for t, t_prev in zip(ts, ts[1:] + [0], strict=True):
-        x0, eps = _predict(model, s, x, t, prediction, clip_x0)
-        z = torch.randn(x.shape, generator=generator, device=x.device) if eta > 0 and t_prev > 0 else None
-        x = ddim_step_x0_eps(s, x, t, t_prev, x0, eps, eta, z)
-        if traj is not None:
-            traj.append(x.cpu())
-    return (x, traj) if traj is not None else x
+    grid = schedule_grid(s, steps, spacing, sigmas, default_steps=50)
+    check_eps_at_zero_snr([ab for _, ab in grid], prediction, "ddim_sample")
+    x, noise = start(model, shape, generator=generator, device=device, x_T=x_T, trajectory=trajectory)
+    for (t, ab), (t_prev, ab_prev) in zip(grid, grid[1:] + [(0, 1.0)], strict=True):
+        if sigmas is None:   # the schedule's own steps: eq. 12 exactly as ddim_step computes it
+            x0, eps = _predict(model, s, x, t, prediction, clip_x0)
+            z = noise() if eta > 0 and t_prev > 0 else None
+            x = ddim_step_x0_eps(s, x, t, t_prev, x0, eps, eta, z)
+        else:                # any noise level: the same eq. 12 and eq. 16 with ᾱ(σ)
+            x0, eps = predict_at(model, x, t, ab, prediction, clip_x0)
+            sigma = eta * math.sqrt(max((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev), 0.0))
+            x = math.sqrt(ab_prev) * x0 + math.sqrt(max(1 - ab_prev - sigma**2, 0.0)) * eps
+            if sigma > 0:
+                x = x + sigma * noise()
+        record(trajectory, x)
+    return x
 
 
 @torch.no_grad()
 def ddim_invert(
     model: Model, s: NoiseSchedule, x0: Tensor, *, steps: int = 50, spacing: Spacing = "trailing",
-    prediction: Prediction = "eps",
+    prediction: Prediction = "eps", trajectory: list[Tensor] | None = None,
 ) -> Tensor:
     """Deterministic encoding x_0 -> x_T by running the η = 0 update (eq-ddim-step) upwards.
 
     ``ddim_sample(..., x_T=ddim_invert(...), eta=0)`` decodes back to x_0 up to discretisation error.
+    Runs on x0's device; ``trajectory=[]`` receives [x_0, x_{t_1}, ..., x_T] (on CPU).
     """
     check_choice("prediction", prediction, PREDICTIONS)
-    if not callable(model):
-        raise TypeError("model must be a callable model(x_t, t) -> prediction")
+    check_model(model)
+    check_trajectory(trajectory)
     if not isinstance(x0, Tensor) or x0.ndim < 1:
         raise TypeError("x0 must be a torch.Tensor of shape (B, ...)")
     ts = ddim_timesteps(s.T, steps, spacing)[::-1]
     x = x0
+    record(trajectory, x)
     for t_prev, t in zip([0] + ts[:-1], ts, strict=True):
         # ε̂ is evaluated at the current, less noisy point (Song et al. 2021, Sec. 4.3); from the
         # clean x_0 (t_prev = 0) it is evaluated at the first selected step instead.
@@ -265,4 +263,5 @@ def ddim_invert(
             x0_hat, eps = s.predict_x0_eps(x, tt, out, prediction)
         ab = s.alpha_bars[t]
         x = float(ab.sqrt()) * x0_hat + float((1 - ab).sqrt()) * eps
+        record(trajectory, x)
     return x

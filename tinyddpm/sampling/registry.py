@@ -10,6 +10,7 @@ from torch import Tensor
 from ..checks import check_choice
 from ..diffusion.schedule import NoiseSchedule
 from .ddpm_ddim import Model, ddim_sample, ddpm_sample
+from .heun import heun_sample
 from .solvers import dpmpp_2m_sample, euler_ancestral_sample, plms_sample
 
 SAMPLERS: MappingProxyType[str, Callable[..., Tensor]] = MappingProxyType({
@@ -18,13 +19,15 @@ SAMPLERS: MappingProxyType[str, Callable[..., Tensor]] = MappingProxyType({
     "euler_a": euler_ancestral_sample,
     "dpmpp_2m": dpmpp_2m_sample,
     "plms": plms_sample,
+    "heun": heun_sample,
 })
 
 
-def sample(
-    name: str, model: Model, s: NoiseSchedule, shape: tuple[int, ...], **kw
-) -> Tensor | tuple[Tensor, list[Tensor]]:
+def sample(name: str, model: Model, s: NoiseSchedule, shape: tuple[int, ...], **kw) -> Tensor:
     """Run the sampler called ``name`` (a key of :data:`SAMPLERS`) with keyword arguments ``kw``.
+
+    Every sampler takes ``x_T``, ``generator``, ``device`` and ``trajectory`` (see
+    :mod:`tinyddpm.sampling.common`) and returns one tensor.
 
     ``"ddpm"`` always takes all T steps; passing ``steps`` other than T to it is an error.
     """

@@ -11,32 +11,33 @@ DDIM with η = 0 is exactly Euler's method on this ODE: x̄_prev = x̄_t + (σ̃
 DDIM's eq. 12 divided by α_prev (Song et al. 2021a, eq. 13-15). The samplers here use the same
 timestep grids as DDIM (:func:`tinyddpm.ddim_timesteps`): each step lands on the next selected t,
 and the last goes to t = 0 (ᾱ = 1, σ̃ = 0), returning the denoised x̂_0. Every sampler takes
-``model(x_t, t) -> prediction`` with t a (B,) LongTensor, like :func:`tinyddpm.ddim_sample`.
+``model(x_t, t) -> prediction`` with t a (B,) LongTensor, like :func:`tinyddpm.ddim_sample`;
+DPM-Solver++(2M) also runs on any grid of noise levels (``sigmas=``, :mod:`tinyddpm.sampling.grids`),
+calling the model at fractional t (a float tensor), like EDM's Heun (:mod:`tinyddpm.sampling.heun`).
+The common keywords (x_T, generator, device, trajectory) are :mod:`tinyddpm.sampling.common`'s.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
-from ..checks import check_nonneg_float
-from ..diffusion.schedule import NoiseSchedule, Prediction
-from .ddpm_ddim import Model, Spacing, _predict, _prepare, ddim_step, ddim_timesteps
+from ..checks import check_choice, check_nonneg_float
+from ..diffusion.schedule import PREDICTIONS, NoiseSchedule, Prediction
+from .common import check_eps_at_zero_snr, record, start
+from .ddpm_ddim import Model, Spacing, _predict, ddim_step, ddim_timesteps
+from .denoiser import predict_at
+from .grids import schedule_grid
 
 
-def _sigma_tilde(s: NoiseSchedule, t: int) -> float:
-    """σ̃_t = √((1-ᾱ_t)/ᾱ_t); σ̃_0 = 0."""
-    ab = float(s.alpha_bars[t])
-    return math.sqrt((1.0 - ab) / ab)
-
-
-def _check_finite_snr(s: NoiseSchedule, ts: list[int], sampler: str) -> None:
-    if any(float(s.alpha_bars[t]) <= 0 for t in ts):
+def _check_finite_snr(alpha_bars: list[float], sampler: str) -> None:
+    if any(ab <= 0.0 for ab in alpha_bars):
         raise ValueError(
             f"{sampler} needs ᾱ_t > 0 at every visited step (σ̃ = ∞ at zero terminal SNR); "
-            "use 'ddim' or 'dpmpp_2m' with prediction='v' for such a schedule"
+            "use 'ddim', 'dpmpp_2m' or 'heun' with prediction='v' for such a schedule"
         )
 
 
@@ -65,10 +66,11 @@ def dpmpp_2m_weights(h: float, h_prev: float | None) -> tuple[float, float]:
 
 @torch.no_grad()
 def euler_ancestral_sample(
-    model: Model, s: NoiseSchedule, shape: tuple[int, ...], *, steps: int = 50, eta: float = 1.0,
-    spacing: Spacing = "trailing", generator: torch.Generator | None = None, clip_x0: bool | float = False,
-    prediction: Prediction = "eps", return_trajectory: bool = False, device: torch.device | str | None = None,
-) -> Tensor | tuple[Tensor, list[Tensor]]:
+    model: Model, s: NoiseSchedule, shape: tuple[int, ...], *, steps: int | None = None, eta: float = 1.0,
+    spacing: Spacing = "trailing", sigmas: Tensor | Sequence[float] | None = None,
+    generator: torch.Generator | None = None, clip_x0: bool | float = False, prediction: Prediction = "eps",
+    x_T: Tensor | None = None, device: torch.device | str | None = None, trajectory: list[Tensor] | None = None,
+) -> Tensor:
     """Euler-ancestral sampling in Karras' σ̃ parametrisation, eq. (eq-euler-ancestral).
 
     Per step t -> t_prev, with x̄ = x_t / α_t, d = (x̄ - x̂_0)/σ̃_t = ε̂ (the ODE's slope) and
@@ -80,32 +82,42 @@ def euler_ancestral_sample(
     Since x̄ + (σ_down - σ̃_t) ε̂ = x̂_0 + σ_down ε̂ and σ_down² = σ̃_prev² - σ_up², multiplying by
     α_prev gives DDIM's eq. 12 with σ = α_prev σ_up: Euler-ancestral with η is DDIM with the same η,
     written in other variables (the book checks this numerically). NFE = number of steps.
+    Grid: the schedule's ``steps`` (default 50) or any descending ``sigmas=``, then σ̃ = 0.
+    Common keywords: :mod:`tinyddpm.sampling.common` (the trajectory holds x_t at VP scale).
     """
     eta = check_nonneg_float("eta", eta)
-    ts = ddim_timesteps(s.T, steps, spacing)
-    _check_finite_snr(s, ts, "euler_ancestral_sample")
-    x, _ = _prepare(model, shape, generator, device)
-    traj = [x.cpu()] if return_trajectory else None
-    xbar = x / math.sqrt(float(s.alpha_bars[ts[0]]))                    # x̄_T = x_T / α_T
-    for t, t_prev in zip(ts, ts[1:] + [0], strict=True):
-        a_t = math.sqrt(float(s.alpha_bars[t]))
-        x0, eps = _predict(model, s, a_t * xbar, t, prediction, clip_x0)   # 1. model sees x_t = α x̄
-        sig, sig_next = _sigma_tilde(s, t), _sigma_tilde(s, t_prev)
+    check_choice("prediction", prediction, PREDICTIONS)
+    grid = schedule_grid(s, steps, spacing, sigmas, default_steps=50)
+    _check_finite_snr([ab for _, ab in grid], "euler_ancestral_sample")
+    x, noise = start(model, shape, generator=generator, device=device, x_T=x_T, trajectory=trajectory)
+    xbar = x / math.sqrt(grid[0][1])                                         # x̄_T = x_T / α_T
+    for (t, ab), (_, ab_prev) in zip(grid, grid[1:] + [(0, 1.0)], strict=True):
+        _, eps = predict_at(model, math.sqrt(ab) * xbar, t, ab, prediction, clip_x0)  # 1. model sees α x̄
+        sig, sig_next = math.sqrt((1 - ab) / ab), math.sqrt((1 - ab_prev) / ab_prev)
         down, up = ancestral_sigmas(sig, sig_next, eta)                       # 2. split the step
         xbar = xbar + (down - sig) * eps                                      # 3. Euler to σ_down
         if up > 0:
-            xbar = xbar + up * torch.randn(x.shape, generator=generator, device=x.device)  # 4. re-noise
-        if traj is not None:
-            traj.append((math.sqrt(float(s.alpha_bars[t_prev])) * xbar).cpu())
-    return (xbar, traj) if traj is not None else xbar                         # σ̃_0 = 0: x̄ = x_0
+            xbar = xbar + up * noise()                                        # 4. re-noise
+        record(trajectory, math.sqrt(ab_prev) * xbar)
+    return xbar                                                               # σ̃_0 = 0: x̄ = x_0
+
+
+def _log_snr_half(alpha_bar: float) -> float:
+    """λ = log(α/σ) = ½ (log ᾱ - log(1-ᾱ)); -∞ at ᾱ = 0 (zero terminal SNR), +∞ at ᾱ = 1."""
+    if alpha_bar <= 0.0:
+        return -math.inf
+    if alpha_bar >= 1.0:
+        return math.inf
+    return 0.5 * (math.log(alpha_bar) - math.log1p(-alpha_bar))
 
 
 @torch.no_grad()
 def dpmpp_2m_sample(
-    model: Model, s: NoiseSchedule, shape: tuple[int, ...], *, steps: int = 20, spacing: Spacing = "trailing",
+    model: Model, s: NoiseSchedule, shape: tuple[int, ...], *, steps: int | None = None,
+    spacing: Spacing = "trailing", sigmas: Tensor | Sequence[float] | None = None,
     generator: torch.Generator | None = None, clip_x0: bool | float = False, prediction: Prediction = "eps",
-    return_trajectory: bool = False, device: torch.device | str | None = None,
-) -> Tensor | tuple[Tensor, list[Tensor]]:
+    x_T: Tensor | None = None, device: torch.device | str | None = None, trajectory: list[Tensor] | None = None,
+) -> Tensor:
     """DPM-Solver++(2M): second-order multistep in λ = log(α/σ), data-prediction form, eq. (eq-dpmpp-2m).
 
     The probability-flow ODE in x̂_0 form has the exact solution (Lu et al. 2022b, eq. 9)
@@ -118,28 +130,32 @@ def dpmpp_2m_sample(
 
     The first step has no history (first order) and the last one goes to σ = 0 (λ = ∞), where
     the update is x_0 = x̂_0. NFE = number of steps; the second-order term costs no extra call.
+
+    Grid: the schedule's steps ``ddim_timesteps(T, steps, spacing)`` (``steps`` defaults to 20), or
+    any descending VE noise levels ``sigmas=`` (e.g. :func:`tinyddpm.karras_sigmas`; the model is then
+    called at fractional t = ``s.t_from_sigma(σ)``), the last step going to σ = 0. At zero terminal
+    SNR (ᾱ_T = 0, λ_T = -∞) the first step is exact: e^{-h} = 0, x_prev = σ_prev x_T + α_prev x̂_0
+    (diffusers instead clamps ᾱ_T to 2^-24 inside the log); an ε-model is refused there.
     """
-    ts = ddim_timesteps(s.T, steps, spacing)
-    x, _ = _prepare(model, shape, generator, device)
-    traj = [x.cpu()] if return_trajectory else None
-    ab = s.alpha_bars
-    lam = lambda t: 0.5 * (math.log(float(ab[t])) - math.log1p(-float(ab[t]))) if 0 < t else math.inf  # noqa: E731
+    check_choice("prediction", prediction, PREDICTIONS)
+    grid = schedule_grid(s, steps, spacing, sigmas, default_steps=20)
+    check_eps_at_zero_snr([ab for _, ab in grid], prediction, "dpmpp_2m_sample")
+    x, _ = start(model, shape, generator=generator, device=device, x_T=x_T, trajectory=trajectory)
     x0_last, h_last = None, None
-    for t, t_prev in zip(ts, ts[1:] + [0], strict=True):
-        x0, _ = _predict(model, s, x, t, prediction, clip_x0)        # 1. data prediction x̂_0(t)
-        if t_prev == 0:
+    for (t, ab), (_, ab_prev) in zip(grid, grid[1:] + [(0, 1.0)], strict=True):
+        x0, _ = predict_at(model, x, t, ab, prediction, clip_x0)       # 1. data prediction x̂_0(t)
+        if ab_prev >= 1.0:
             x = x0                                                       # 2a. λ = ∞: x_0 = D = x̂_0
         else:
-            h = lam(t_prev) - lam(t)                                     # 2b. step size in λ
+            h = _log_snr_half(ab_prev) - _log_snr_half(ab)               # 2b. step size in λ (∞ from ᾱ = 0)
             a, b = dpmpp_2m_weights(h, h_last)                           # 3. linear-in-λ x̂_0
             D = a * x0 + b * x0_last if b != 0.0 else x0
-            sig_ratio = math.sqrt((1 - float(ab[t_prev])) / (1 - float(ab[t]))) if float(ab[t]) < 1 else 0.0
-            x = sig_ratio * x - math.sqrt(float(ab[t_prev])) * math.expm1(-h) * D   # 4. exact linear part
+            sig_ratio = math.sqrt((1 - ab_prev) / (1 - ab))
+            x = sig_ratio * x - math.sqrt(ab_prev) * math.expm1(-h) * D  # 4. exact linear part
             h_last = h
         x0_last = x0
-        if traj is not None:
-            traj.append(x.cpu())
-    return (x, traj) if traj is not None else x
+        record(trajectory, x)
+    return x
 
 
 # Adams–Bashforth weights (oldest last) for PLMS with 1, 2, 3 and 4 past ε evaluations.
@@ -150,8 +166,8 @@ _AB_WEIGHTS = ((1.0,), (3 / 2, -1 / 2), (23 / 12, -16 / 12, 5 / 12), (55 / 24, -
 def plms_sample(
     model: Model, s: NoiseSchedule, shape: tuple[int, ...], *, steps: int = 50, spacing: Spacing = "trailing",
     generator: torch.Generator | None = None, clip_x0: bool | float = False, prediction: Prediction = "eps",
-    return_trajectory: bool = False, device: torch.device | str | None = None,
-) -> Tensor | tuple[Tensor, list[Tensor]]:
+    x_T: Tensor | None = None, device: torch.device | str | None = None, trajectory: list[Tensor] | None = None,
+) -> Tensor:
     """PNDM's pseudo linear multistep (Liu et al. 2022, eq. 12): DDIM's transfer with an AB4 ε.
 
     Each step applies the η = 0 DDIM update (eq-ddim-step) with the combined noise
@@ -161,9 +177,9 @@ def plms_sample(
     then the 2- and 3-step Adams–Bashforth formulas. NFE = steps + 1 (the extra call of step one).
     """
     ts = ddim_timesteps(s.T, steps, spacing)
-    _check_finite_snr(s, ts, "plms_sample")
-    x, _ = _prepare(model, shape, generator, device)
-    traj = [x.cpu()] if return_trajectory else None
+    check_choice("prediction", prediction, PREDICTIONS)
+    _check_finite_snr([float(s.alpha_bars[t]) for t in ts], "plms_sample")
+    x, _ = start(model, shape, generator=generator, device=device, x_T=x_T, trajectory=trajectory)
 
     def transfer(x: Tensor, t: int, t_prev: int, eps: Tensor) -> Tensor:   # the DDIM step, η = 0
         return ddim_step(s, x, t, t_prev, eps, clip_x0=clip_x0)
@@ -179,9 +195,8 @@ def plms_sample(
             eps_prime = sum(wi * e for wi, e in zip(w, [eps] + history, strict=True))
         history = [eps] + history[:2]
         x = transfer(x, t, t_prev, eps_prime)
-        if traj is not None:
-            traj.append(x.cpu())
-    return (x, traj) if traj is not None else x
+        record(trajectory, x)
+    return x
 
 
 __all__ = ["ancestral_sigmas", "dpmpp_2m_sample", "dpmpp_2m_weights", "euler_ancestral_sample", "plms_sample"]

@@ -11,17 +11,22 @@ A run directory looks like::
             state.pt           # optimiser, EMA counters, RNG states (torch.load(weights_only=True))
 
 A step directory is first written under a hidden temporary name in the same parent, every file
-fsync'ed, then renamed into place; ``latest`` is replaced the same way. A crash at any moment
-leaves the previous checkpoint complete and ``latest`` pointing at a complete directory.
+fsync'ed, then renamed into place; ``latest`` is replaced the same way (both through
+:mod:`tinyddpm.atomic`). A crash at any moment leaves the previous checkpoint complete and
+``latest`` pointing at a complete directory.
+
+Every trained model of the package is saved in this one format: diffusion denoisers ("unet",
+"mlp"), the VAE ("vae"), the digits classifier ("digits-classifier") and the whole text-to-image
+pipeline ("text2img"); ``config.json["model"]`` = ``{"kind", "config"}`` rebuilds it
+(:func:`build_from_entry`) and :func:`load_checkpoint` loads any of them.
 """
 
 from __future__ import annotations
 
 import json
-import os
+import os  # noqa: F401  (tests patch os.replace through this module to simulate a crash)
 import pickle
 import shutil
-import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +36,7 @@ import torch
 from safetensors.torch import load_model, save_model
 from torch import nn
 
+from ..atomic import write_dir_atomic, write_text_atomic
 from ..diffusion.schedule import NoiseSchedule
 from .config import DiffusionConfig, TrainConfig
 
@@ -43,69 +49,14 @@ def step_dirname(step: int) -> str:
     return f"step_{step:06d}"
 
 
-# ----------------------------------------------------------------------------- atomic writes
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        _fsync_file(path)  # a directory's entries are durable only once the directory is synced
-    except OSError:  # pragma: no cover - some filesystems refuse fsync on directories
-        pass
-
-
-def _save_weights(model: nn.Module, path: Path) -> None:
-    save_model(model, str(path))  # handles shared (tied) tensors
+# ----------------------------------------------------------------------------- writing
+def save_weights(model: nn.Module, path: str | Path) -> None:
+    """Write a module's weights as safetensors (handles shared, tied tensors)."""
+    save_model(model, str(path))
 
 
 def _save_state(state: dict[str, Any], path: Path) -> None:
     torch.save(state, path)
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Replace ``path`` by a file holding ``text``: temp file in the same dir, fsync, rename."""
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    _fsync_dir(path.parent)
-
-
-def write_dir_atomic(final: Path, write: Callable[[Path], None]) -> Path:
-    """Call ``write(tmp_dir)`` on a fresh hidden dir next to ``final``, fsync it, rename it to ``final``.
-
-    If ``write`` raises, the temporary directory is removed and ``final`` is untouched.
-    """
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        write(tmp)
-        for f in tmp.iterdir():
-            _fsync_file(f)
-        _fsync_dir(tmp)
-        if final.exists():  # re-saving a step: move the old one aside, then drop it
-            old = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    _fsync_dir(final.parent)
-    return final
 
 
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
@@ -126,9 +77,9 @@ def save_checkpoint(
     run_dir = Path(run_dir)
 
     def write(tmp: Path) -> None:
-        _save_weights(model, tmp / "model.safetensors")
+        save_weights(model, tmp / "model.safetensors")
         if ema_model is not None:
-            _save_weights(ema_model, tmp / "ema.safetensors")
+            save_weights(ema_model, tmp / "ema.safetensors")
         (tmp / "config.json").write_text(json.dumps(config, indent=1) + "\n", encoding="utf-8")
         _save_state(state, tmp / "state.pt")
 
@@ -138,6 +89,52 @@ def save_checkpoint(
         if old != final:
             shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+# ----------------------------------------------------------------------------- model kinds
+def _extra_kinds() -> dict[str, tuple[type, Callable[[dict], nn.Module], Callable[[nn.Module], dict]]]:
+    """Kinds beyond the denoiser presets: kind -> (class, build from config, config of a model)."""
+    from ..metrics import DigitsClassifier
+    from ..nets.vae import VAE, VAEConfig
+    from ..text2img import TextToImage
+
+    return {
+        "vae": (VAE, lambda c: VAE(VAEConfig.from_dict(c)), lambda m: m.config.to_dict()),
+        "text2img": (TextToImage, TextToImage.from_config, lambda m: m.to_config()),
+        "digits-classifier": (DigitsClassifier, lambda c: DigitsClassifier(**c), lambda m: m.to_config()),
+    }
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    for attr in ("_orig_mod", "module", "_orig_mod"):  # torch.compile, DDP
+        model = getattr(model, attr, model)
+    return model
+
+
+def model_entry(model: nn.Module) -> dict[str, Any]:
+    """``{"kind": ..., "config": ...}`` for config.json: what :func:`build_from_entry` rebuilds ``model`` from."""
+    from ..nets.presets import MODEL_KINDS, model_kind
+
+    inner = _unwrap(model)
+    if type(inner) in MODEL_KINDS.values():
+        return {"kind": model_kind(inner), "config": dict(inner.config)}
+    for kind, (cls, _, config_of) in _extra_kinds().items():
+        if type(inner) is cls:
+            return {"kind": kind, "config": config_of(inner)}
+    raise ValueError(f"{type(inner).__name__} is not a registered model kind; registered: "
+                     f"{', '.join([*MODEL_KINDS, *_extra_kinds()])}")
+
+
+def build_from_entry(kind: str, config: dict[str, Any]) -> nn.Module:
+    """A fresh model of ``kind`` built from its recorded config (no weights; no code from the checkpoint runs)."""
+    from ..nets.presets import MODEL_KINDS, build_model
+
+    extra = _extra_kinds()
+    if kind in extra:
+        return extra[kind][1](config)
+    if kind not in MODEL_KINDS:
+        raise ValueError(f"unknown model kind {kind!r} in the checkpoint; known: {', '.join([*MODEL_KINDS, *extra])}")
+    return build_model(kind, config)
 
 
 # ----------------------------------------------------------------------------- reading
@@ -180,7 +177,11 @@ def read_state(step_dir: str | Path, map_location: str | torch.device = "cpu") -
 
 
 def load_weights(model: nn.Module, path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
-    missing, unexpected = load_model(model, str(path), strict=True, device=str(device))
+    """Load safetensors weights into ``model`` (strict); a model with ``verify_weights()`` then checks them."""
+    load_model(model, str(path), strict=True, device=str(device))
+    verify = getattr(model, "verify_weights", None)
+    if callable(verify):
+        verify()
     return model
 
 
@@ -189,11 +190,11 @@ class Checkpoint:
     """A trained model ready to sample: the network (EMA weights by default), its schedule, configs."""
 
     model: nn.Module
-    schedule: NoiseSchedule
+    schedule: NoiseSchedule | None  # None for models that are not denoisers (vae, digits-classifier)
     model_kind: str
     model_config: dict[str, Any]
     diffusion: DiffusionConfig | None
-    train: TrainConfig
+    train: TrainConfig | None       # None for a model saved without a Trainer (e.g. TextToImage.save)
     data: dict[str, Any]
     step: int
     path: Path
@@ -212,104 +213,43 @@ class Checkpoint:
         """The shape of one sample, e.g. (1, 8, 8) for digits or (2,) for 2-D toy data."""
         return tuple(self.data["shape"])
 
-    def denoiser(
-        self, y: int | torch.Tensor | None = None, guidance: float = 1.0,
-    ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-        """``model(x_t, t)`` for the samplers.
+    def denoiser(self, y: int | torch.Tensor | None = None, guidance: float | None = None):
+        """``model(x_t, t)`` for the samplers; see :func:`tinyddpm.sampling.from_checkpoint.checkpoint_denoiser`."""
+        from ..sampling.from_checkpoint import checkpoint_denoiser
 
-        A conditional model gets class ``y`` (int or (B,) labels) with classifier-free guidance
-        weight ``guidance`` (eq. eq-cfg; 1 = plain conditional), or the null label when y is None.
-        """
-        model = self.model
-        if self.num_classes is None:
-            if y is not None:
-                raise ValueError("this model is unconditional; it takes no class label")
-            return lambda x, t: model(x, t)
-        if y is None:
-            return lambda x, t: model(x, t, y=torch.full((x.shape[0],), self.num_classes, dtype=torch.long,
-                                                         device=x.device))
-        from ..sampling.guidance import guided_model
+        return checkpoint_denoiser(self, y, guidance)
 
-        return guided_model(model, y, guidance, num_classes=self.num_classes)
+    def sample_chunks(self, n: int, **kwargs: Any) -> Iterator[torch.Tensor]:
+        """``n`` samples in chunks; see :func:`tinyddpm.sampling.from_checkpoint.sample_chunks` for the options."""
+        from ..sampling.from_checkpoint import sample_chunks
 
-    def sample_chunks(
-        self, n: int, *, sampler: str = "ddim", steps: int | None = None, eta: float | None = None,
-        seed: int = 0, batch_size: int = 256, y: int | torch.Tensor | None = None, guidance: float = 1.0,
-        clip_x0: bool | None = None, device: str | torch.device | None = None,
-    ) -> Iterator[torch.Tensor]:
-        """Draw ``n`` samples in chunks of at most ``batch_size``, yielding each chunk (on CPU).
-
-        Memory stays bounded by the chunk size whatever ``n`` is. ``sampler`` is a name from
-        :data:`tinyddpm.solvers.SAMPLERS`; ``steps`` defaults to min(50, T) (all T for "ddpm"); ``eta``
-        goes to samplers that take it. ``y`` may be an int or (n,) labels. One generator seeded
-        with ``seed`` runs through the chunks, so (seed, batch_size) fixes the result. Images are
-        clipped to [-1, 1] through x̂_0 unless ``clip_x0=False``.
-        """
-        from ..checks import check_int
-        from ..sampling.registry import sample
-
-        n, batch_size = check_int("n", n, low=1), check_int("batch_size", batch_size, low=1)
-        kwargs = sampler_kwargs(sampler, self.schedule.T, steps, eta)
-        if isinstance(y, torch.Tensor) and y.ndim == 1 and y.shape[0] != n:
-            raise ValueError(f"got {y.shape[0]} labels for n = {n} samples")
-        device = torch.device(device) if device is not None else next(self.model.parameters()).device
-        clip = bool(self.data.get("is_image", False)) if clip_x0 is None else clip_x0
-        g = torch.Generator(device).manual_seed(seed)
-        for start in range(0, n, batch_size):
-            b = min(batch_size, n - start)
-            yy = y[start:start + b] if isinstance(y, torch.Tensor) and y.ndim == 1 else y
-            x = sample(sampler, self.denoiser(yy, guidance), self.schedule, (b, *self.sample_shape), generator=g,
-                       prediction=self.prediction, clip_x0=clip, device=device, **kwargs)
-            yield x.float().cpu()
+        return sample_chunks(self, n, **kwargs)
 
     def sample(self, n: int, **kwargs: Any) -> torch.Tensor:
-        """``n`` samples as one (n, ...) tensor; see :meth:`sample_chunks` for the options."""
+        """``n`` samples as one (n, ...) tensor; see :func:`tinyddpm.sampling.from_checkpoint.sample_chunks`."""
         return torch.cat(list(self.sample_chunks(n, **kwargs)))
-
-
-def sampler_kwargs(sampler: str, T: int, steps: int | None, eta: float | None) -> dict[str, Any]:
-    """Check (sampler, steps, eta) and return the keyword arguments that sampler takes."""
-    import inspect
-
-    from ..checks import check_choice, check_int, check_nonneg_float
-    from ..sampling.registry import SAMPLERS
-
-    check_choice("sampler", sampler, SAMPLERS)
-    params = inspect.signature(SAMPLERS[sampler]).parameters
-    kwargs: dict[str, Any] = {}
-    if "steps" in params:
-        kwargs["steps"] = check_int("steps", min(50, T) if steps is None else steps, low=1, high=T)
-    elif steps is not None and check_int("steps", steps, low=1) != T:
-        raise ValueError(f"sampler {sampler!r} always takes all T = {T} steps; use 'ddim' for fewer")
-    if eta is not None:
-        eta = check_nonneg_float("eta", eta)
-        if "eta" in params:
-            kwargs["eta"] = eta
-        elif eta != 0:
-            raise ValueError(f"sampler {sampler!r} takes no eta; samplers with eta: "
-                             + ", ".join(k for k, f in SAMPLERS.items() if "eta" in inspect.signature(f).parameters))
-    return kwargs
 
 
 def load_checkpoint(path: str | Path, *, ema: bool = True, device: str | torch.device = "cpu") -> Checkpoint:
     """Load a checkpoint (run dir or step dir) for sampling: EMA weights unless ``ema=False``.
 
-    Reads only config.json and safetensors files, so no code runs; the model is in eval mode.
+    Reads only config.json and safetensors files, so no code runs; the model is in eval mode. Any
+    registered kind loads (see the module docstring); ``model_kind`` tells them apart, e.g. a
+    "text2img" checkpoint's ``model`` is a :class:`tinyddpm.text2img.TextToImage`.
     """
-    from ..nets.presets import build_model
-
     step_dir = resolve_checkpoint(path)
     cfg = read_config(step_dir)
-    model = build_model(cfg["model"]["kind"], cfg["model"]["config"])
+    model = build_from_entry(cfg["model"]["kind"], cfg["model"]["config"])
     weights = step_dir / ("ema.safetensors" if ema else "model.safetensors")
     if ema and not weights.is_file():
         raise FileNotFoundError(f"{step_dir} has no ema.safetensors; pass ema=False for the raw weights")
     load_weights(model, weights, device="cpu")
     model.to(device).eval().requires_grad_(False)
     return Checkpoint(
-        model=model, schedule=NoiseSchedule.from_config(cfg["schedule"]), model_kind=cfg["model"]["kind"],
-        model_config=cfg["model"]["config"],
+        model=model, schedule=NoiseSchedule.from_config(cfg["schedule"]) if cfg.get("schedule") else None,
+        model_kind=cfg["model"]["kind"], model_config=cfg["model"]["config"],
         diffusion=DiffusionConfig.from_dict(cfg["diffusion"]) if cfg.get("diffusion") else None,
-        train=TrainConfig.from_dict(cfg["train"]), data=cfg["data"], step=int(cfg["step"]),
+        train=TrainConfig.from_dict(cfg["train"]) if cfg.get("train") else None, data=cfg.get("data") or {},
+        step=int(cfg["step"]),
         path=step_dir, ema=ema,
     )

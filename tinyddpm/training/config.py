@@ -1,18 +1,17 @@
 """Frozen, typed configs for the diffusion process and for training (book chapter 5).
 
 Each config validates itself on construction, so a bad value fails at the boundary with a message
-that says what was expected. ``to_dict`` / ``from_dict`` round-trip through JSON; ``from_dict``
-refuses unknown keys by name (a typo in a config file must not be silently ignored).
+that says what was expected; the dict round-trip comes from :class:`tinyddpm.config_base.Config`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal
 
 from ..checks import check_choice, check_int, check_nonneg_float
+from ..config_base import Config
 from ..diffusion.schedule import PREDICTIONS, NoiseSchedule, Prediction
 from .losses import WEIGHTINGS, Weighting
 
@@ -22,8 +21,8 @@ Device = Literal["auto", "cpu", "cuda"]
 DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
 LRSchedule = Literal["constant", "cosine"]
 LR_SCHEDULES: tuple[str, ...] = ("constant", "cosine")
-
-C = TypeVar("C", bound="_Config")
+PrecisionName = Literal["auto", "fp32", "bf16", "fp16"]
+PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16", "fp16")
 
 
 def _check_bool(name: str, value: Any) -> None:
@@ -39,34 +38,8 @@ def _check_unit(name: str, value: Any, *, closed_right: bool) -> float:
     return value
 
 
-class _Config:
-    """Shared dict round-trip for the frozen config dataclasses."""
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)  # type: ignore[call-overload]
-
-    @classmethod
-    def from_dict(cls: type[C], d: dict[str, Any]) -> C:
-        if not isinstance(d, dict):
-            raise TypeError(f"{cls.__name__}.from_dict expects a dict; got {type(d).__name__}")
-        names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(
-                f"unknown {cls.__name__} key(s): {', '.join(unknown)}; valid keys: {', '.join(sorted(names))}"
-            )
-        return cls(**d)
-
-    def replace(self: C, **changes: Any) -> C:
-        """A copy with some fields changed (validated again)."""
-        unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})  # type: ignore[arg-type]
-        if unknown:
-            raise ValueError(f"unknown {type(self).__name__} key(s): {', '.join(unknown)}")
-        return dataclasses.replace(self, **changes)  # type: ignore[type-var]
-
-
 @dataclass(frozen=True)
-class DiffusionConfig(_Config):
+class DiffusionConfig(Config):
     """The forward process: a named β schedule (eqs. ``eq-schedule-*``), T steps, what the network predicts.
 
     ``zero_terminal_snr`` rescales the schedule so that ᾱ_T = 0 (eq. eq-zero-snr); pair it with
@@ -96,15 +69,20 @@ class DiffusionConfig(_Config):
 
 
 @dataclass(frozen=True)
-class TrainConfig(_Config):
+class TrainConfig(Config):
     """Everything the Trainer needs besides the model, schedule and data.
 
     ``steps`` is the total number of optimiser steps of the run; ``batch_size`` the *global* batch
     (split over processes under torchrun). The learning rate rises linearly over ``warmup_steps``,
     then stays constant or follows a cosine to 0. EMA (eq. eq-ema) starts at ``ema_start``; with
-    ``ema_warmup`` its decay is min(d, (1+n)/(10+n)) after n updates. ``bf16`` autocasts to
-    bfloat16 on CUDA only; ``label_dropout`` replaces class labels by the null label (conditional
-    models only, for classifier-free guidance). ``*_every = 0`` disables that periodic action.
+    ``ema_warmup`` its decay is min(d, (1+n)/(10+n)) after n updates. ``precision``: "auto"
+    (bf16 autocast on CUDA — fp16 with a GradScaler where the GPU lacks bf16 — and fp32 on CPU),
+    "fp32", "bf16" (CPU too) or "fp16" (CUDA). ``accum_steps`` splits each batch into that many
+    micro-batches whose gradients add up to the full batch's. ``label_dropout`` replaces class
+    labels by the null label (conditional models only, for classifier-free guidance).
+    ``*_every = 0`` disables that periodic action. Checkpoints (with an out_dir) are written every
+    ``ckpt_every`` steps — by default (None) every 10 % of ``steps`` — and also whenever
+    ``ckpt_minutes`` have passed since the last one (0 disables the clock), and at the end.
     """
 
     steps: int = 2000
@@ -119,8 +97,9 @@ class TrainConfig(_Config):
     ema_warmup: bool = True
     seed: int = 0
     device: Device = "auto"
-    bf16: bool = True
+    precision: PrecisionName = "auto"
     compile: bool = False
+    accum_steps: int = 1
     weighting: Weighting = "none"
     min_snr_gamma: float = 5.0
     label_dropout: float = 0.1
@@ -128,7 +107,8 @@ class TrainConfig(_Config):
     sample_every: int = 0
     sample_steps: int = 20
     sample_n: int = 64
-    ckpt_every: int = 0
+    ckpt_every: int | None = None
+    ckpt_minutes: float = 5.0
     keep_last: int = 3
     progress: bool = True
 
@@ -147,18 +127,40 @@ class TrainConfig(_Config):
         _check_bool("ema_warmup", self.ema_warmup)
         check_int("seed", self.seed, low=0)
         check_choice("device", self.device, DEVICES)
-        for name in ("bf16", "compile", "progress"):
+        check_choice("precision", self.precision, PRECISIONS)
+        check_int("accum_steps", self.accum_steps, low=1)
+        if self.batch_size % self.accum_steps:
+            raise ValueError(f"batch_size {self.batch_size} must be divisible by accum_steps {self.accum_steps}")
+        for name in ("compile", "progress"):
             _check_bool(name, getattr(self, name))
         check_choice("weighting", self.weighting, WEIGHTINGS)
         gamma = check_nonneg_float("min_snr_gamma", self.min_snr_gamma)
         if gamma == 0:
             raise ValueError("min_snr_gamma must be > 0 (min-SNR weighting uses min(SNR, γ)); got 0")
         _check_unit("label_dropout", self.label_dropout, closed_right=False)
-        for name in ("log_every", "sample_every", "ckpt_every"):
+        for name in ("log_every", "sample_every"):
             check_int(name, getattr(self, name), low=0)
+        if self.ckpt_every is not None:
+            check_int("ckpt_every", self.ckpt_every, low=0)
+        check_nonneg_float("ckpt_minutes", self.ckpt_minutes)
         check_int("sample_steps", self.sample_steps, low=1)
         check_int("sample_n", self.sample_n, low=1)
         check_int("keep_last", self.keep_last, low=1)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        """As :meth:`Config.from_dict`; a config saved before ``precision`` existed has ``bf16`` instead
+        (True meant bf16 autocast on CUDA only, i.e. "auto"; False meant "fp32")."""
+        if isinstance(d, dict) and "bf16" in d and "precision" not in d:
+            d = {k: v for k, v in d.items() if k != "bf16"} | {"precision": "auto" if d["bf16"] else "fp32"}
+        return super().from_dict(d)
+
+    @property
+    def checkpoint_interval(self) -> int:
+        """Steps between periodic checkpoints: ``ckpt_every``, or 10 % of the run when it is None (0: never)."""
+        if self.ckpt_every is not None:
+            return self.ckpt_every
+        return max(1, math.ceil(self.steps / 10))
 
     def lr_at(self, step: int) -> float:
         """Learning rate for optimiser step ``step`` (0-based): linear warm-up, then constant or cosine."""
@@ -171,8 +173,9 @@ class TrainConfig(_Config):
         return self.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-# Fields that may change when a run is resumed: they do not affect the trajectory of the weights.
+# Fields that may change when a run is resumed: they do not affect the trajectory of the weights
+# (precision and accum_steps only through round-off; steps only through a cosine lr schedule).
 RESUMABLE_CHANGES: frozenset[str] = frozenset(
     {"steps", "device", "compile", "progress", "log_every", "sample_every", "sample_steps", "sample_n",
-     "ckpt_every", "keep_last"}
+     "ckpt_every", "ckpt_minutes", "keep_last", "precision", "accum_steps"}
 )

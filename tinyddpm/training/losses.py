@@ -59,13 +59,16 @@ def diffusion_loss_at(
     """The loss at given t (B,) and ε: weight_t · mean over pixels of (model(x_t, t) - target)².
 
     ``diffusion_loss`` draws t and ε and calls this; use it directly to study the loss per step.
+    ``t`` may stay on the CPU while x0 is on a GPU (what the Trainer does): the schedule is then
+    indexed and t validated on the CPU, with no device-to-host synchronisation, and the model
+    gets a copy of t on x0's device.
     """
     check_choice("prediction", prediction, PREDICTIONS)
     check_choice("weighting", weighting, WEIGHTINGS)
     check_choice("reduction", reduction, REDUCTIONS)
     xt = schedule.q_sample(x0, t, eps)                                    # eq. (eq-forward-closed)
     target = schedule.target(x0, t, eps, prediction)
-    out = model(xt, t, **(model_kwargs or {}))
+    out = model(xt, t.to(x0.device, non_blocking=True), **(model_kwargs or {}))
     if not isinstance(out, Tensor) or out.shape != x0.shape:
         got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
         raise ValueError(f"model returned {got} for x_t of shape {tuple(x0.shape)}; expected the same shape")
