@@ -282,7 +282,8 @@ def _sample_prompt(a: argparse.Namespace, out: Path, is_pipeline: bool) -> int:
     if a.n < 1:
         raise UsageError(f"--n must be >= 1; got {a.n}")
     a.guidance = DEFAULT_PROMPT_GUIDANCE if a.guidance is None else a.guidance
-    x = sample_prompt(a.ckpt, a.prompt, n=a.n, guidance=a.guidance, steps=a.steps or 50, seed=a.seed,
+    x = sample_prompt(a.ckpt, a.prompt, n=a.n, guidance=a.guidance, steps=a.steps or 50,
+                      generator=_generator(a.seed),
                       sampler=a.sampler, device="cpu" if a.device == "auto" else a.device)
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix == ".npy":

@@ -34,7 +34,7 @@ from .diffusion.schedule import NoiseSchedule
 from .nets.cross_attn_unet import CrossAttnUNet, CrossAttnUNetConfig
 from .nets.text import TextEncoder, TextEncoderConfig, Tokenizer, attribute_labels, random_captions
 from .nets.vae import VAE, VAEConfig
-from .sampling.guidance import cfg_combine
+from .sampling.guidance import DEFAULT_PROMPT_GUIDANCE, cfg_model
 from .sampling.registry import SAMPLERS, sample
 from .training.config import DiffusionConfig, TrainConfig
 from .training.losses import diffusion_loss_at
@@ -120,23 +120,19 @@ class TextToImage(nn.Module):
     def guided_denoiser(self, prompts: list[str], guidance: float):
         """model(z_t, t) = ε_u + w (ε_c - ε_u), eq. (eq-cfg), with ε_u from the empty prompt.
 
-        Both halves run in one forward pass on the doubled batch [z_t; z_t] (skipped for w = 1).
+        The package's one guidance batcher, :func:`tinyddpm.sampling.guidance.cfg_model`: both halves
+        run in one forward pass on the doubled batch [z_t; z_t] (one half only for w = 1 or w = 0).
         """
-        w = check_nonneg_float("guidance", guidance)
-        ctx, mask = self.encode_prompts(list(prompts) + [""] * len(prompts))
-
-        def model(z: Tensor, t: Tensor) -> Tensor:
-            B = z.shape[0]
-            if w == 1.0:
-                return self.unet(z, t, ctx[:B], mask[:B])
-            eps_c, eps_u = self.unet(torch.cat([z, z]), torch.cat([t, t]), ctx, mask).chunk(2)
-            return cfg_combine(eps_u, eps_c, w)
-
-        return model
+        check_nonneg_float("guidance", guidance)
+        B = len(prompts)
+        ctx, mask = self.encode_prompts(list(prompts) + [""] * B)
+        return cfg_model(self.unet, {"context": ctx[:B], "mask": mask[:B]}, {"context": ctx[B:], "mask": mask[B:]},
+                         guidance)
 
     @torch.no_grad()
-    def generate(self, prompts: str | list[str], *, guidance: float = 3.0, steps: int = 50, sampler: str = "ddim",
-                 generator: torch.Generator | None = None, return_latents: bool = False) -> Tensor:
+    def generate(self, prompts: str | list[str], *, guidance: float = DEFAULT_PROMPT_GUIDANCE, steps: int = 50,
+                 sampler: str = "ddim", generator: torch.Generator | None = None,
+                 return_latents: bool = False) -> Tensor:
         """Images (B, C, H, W) in [-1, 1] for the prompts: sample a latent with ``sampler``, decode it."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompts:
@@ -343,13 +339,13 @@ def is_text2img_checkpoint(path: str | Path) -> bool:
         return False
 
 
-def sample_prompt(ckpt_dir: str | Path, prompt: str, n: int = 8, guidance: float = 3.0, steps: int = 50,
-                  seed: int = 0, sampler: str = "ddim", device: str | torch.device = "cpu") -> Tensor:
+def sample_prompt(ckpt_dir: str | Path, prompt: str, n: int = 8, guidance: float = DEFAULT_PROMPT_GUIDANCE,
+                  steps: int = 50, generator: torch.Generator | None = None, sampler: str = "ddim",
+                  device: str | torch.device = "cpu") -> Tensor:
     """``n`` images (n, C, H, W) in [-1, 1] for one prompt from the pipeline saved in ``ckpt_dir``.
 
     What ``tinyddpm sample --prompt "a seven" --guidance 3 --ckpt DIR --out x.png`` runs.
     """
     n = check_int("n", n, low=1)
     pipe = TextToImage.load(ckpt_dir, device)
-    g = torch.Generator(device=device).manual_seed(check_int("seed", seed, low=0))
-    return pipe.generate([prompt] * n, guidance=guidance, steps=steps, sampler=sampler, generator=g)
+    return pipe.generate([prompt] * n, guidance=guidance, steps=steps, sampler=sampler, generator=generator)
