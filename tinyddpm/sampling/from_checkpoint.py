@@ -56,9 +56,15 @@ def checkpoint_denoiser(
         if y is not None:
             raise ValueError("this model is unconditional; it takes no class label")
         return lambda x, t: model(x, t)
-    if y is None:
-        null = torch.full((1,), num_classes, dtype=torch.long)
-        return lambda x, t: model(x, t, y=null.to(x.device).expand(x.shape[0]))
+    if y is None:   # the null label, made once per device (no copy inside the sampling loop)
+        null: dict[torch.device, Tensor] = {}
+
+        def unconditional(x: Tensor, t: Tensor) -> Tensor:
+            if x.device not in null:
+                null[x.device] = torch.full((1,), num_classes, dtype=torch.long, device=x.device)
+            return model(x, t, y=null[x.device].expand(x.shape[0]))
+
+        return unconditional
     w = DEFAULT_LABEL_GUIDANCE if guidance is None else guidance
     return guided_model(model, y, w, num_classes=num_classes)
 
