@@ -157,6 +157,22 @@ def test_pipeline_generate_shapes_determinism_and_cfg():
                                rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(pipe.guided_denoiser(["a seven", "3"], 1.0)(z, t), eps_c)
     torch.testing.assert_close(pipe.guided_denoiser(["a seven", "3"], 0.0)(z, t), eps_u, rtol=1e-5, atol=1e-6)
+    # a negative prompt takes the place of the empty one: ε_neg + w (ε_c - ε_neg). The zero-initialised
+    # cross-attention outputs are given weights first, so that the prompt changes ε at all
+    with torch.no_grad():
+        for p in pipe.unet.parameters():
+            if p.abs().max() == 0:
+                p.normal_(std=0.1)
+    ctx_c, m_c = pipe.encode_prompts(["a seven", "3"])
+    ctx_u, m_u = pipe.encode_prompts(["", ""])
+    eps_c, eps_u = pipe.unet(z, t, ctx_c, m_c), pipe.unet(z, t, ctx_u, m_u)
+    ctx_n, m_n = pipe.encode_prompts(["thick", "thin"])
+    eps_n = pipe.unet(z, t, ctx_n, m_n)
+    assert (eps_n - eps_u).abs().max() > 1e-3                        # the negative branch is a different input
+    torch.testing.assert_close(pipe.guided_denoiser(["a seven", "3"], 3.0, ["thick", "thin"])(z, t),
+                               eps_n + 3.0 * (eps_c - eps_n), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="1 negative prompts for 2 prompts"):
+        pipe.guided_denoiser(["a seven", "3"], 3.0, ["thick"])
     lat = pipe.generate("a seven", steps=3, generator=g(), return_latents=True)
     assert lat.shape == (1, 2, 4, 4)
     with pytest.raises(ValueError, match="sampler must be one of"):

@@ -2,6 +2,8 @@
 
     tinyddpm train  --data digits --out runs/digits [--steps 4000 --batch-size 128 --resume ...]
     tinyddpm sample --ckpt runs/digits --sampler ddim --steps 50 --n 64 --out grid.png   (or .npy)
+    tinyddpm train  --data moons --objective flow --out runs/flow      (flow matching; or edm)
+    tinyddpm train  --data folder --data-path imgs/ --stream --hflip --num-workers 4 --out runs/mine
     tinyddpm eval   --ckpt runs/digits --n 1000
     tinyddpm train  --data digits --text --out runs/t2i        (chapter 9's text-to-image pipeline)
     tinyddpm sample --ckpt runs/t2i --prompt "a thick seven" --guidance 3 --out seven.png
@@ -21,7 +23,8 @@ from typing import NoReturn
 import numpy as np
 import torch
 
-from .sampling.from_checkpoint import sampler_kwargs
+from .sampling.flow import FLOW_SOLVERS
+from .sampling.from_checkpoint import DEFAULT_SAMPLERS, sampler_kwargs
 from .sampling.guidance import DEFAULT_LABEL_GUIDANCE, DEFAULT_PROMPT_GUIDANCE
 from .training.checkpoint import Checkpoint, list_checkpoints, load_checkpoint, resolve_checkpoint
 from .training.config import DEVICES, PREDICTIONS, SCHEDULES, DiffusionConfig, TrainConfig
@@ -82,12 +85,23 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--compile", action="store_true", help="torch.compile the model")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    t.add_argument("--objective", choices=("ddpm", "flow", "edm"),
+                   help="what the network learns: ddpm (ε/x0/v by --prediction, default), flow (rectified-flow "
+                        "velocity, logit-normal t; chapter 12) or edm (EDM preconditioning, log-normal σ; chapter 13)")
+    t.add_argument("--hflip", action="store_true", help="random horizontal flips of the training images")
+    t.add_argument("--stream", action="store_true",
+                   help="read images from disk batch by batch (folder, uncompressed mnist): sets larger than memory")
+    t.add_argument("--num-workers", type=int, help="decoding processes for --stream (default min(4, CPUs))")
+    t.add_argument("--image-size", type=int, default=32, help="folder data: resize and centre-crop to this size")
+    t.add_argument("--channels", type=int, choices=(1, 3), default=3, help="folder data: 1 (grey) or 3 (RGB)")
 
     s = sub.add_parser("sample", help="draw samples from a checkpoint into a .png grid or a .npy array")
     _sampling_args(s, SAMPLERS, default_n=64)
     s.add_argument("--out", required=True, help=".png (a grid) or .npy (raw samples in [-1, 1], shape (N, ...))")
     s.add_argument("--label", type=int, help="class to draw (conditional models; default: unconditional)")
     s.add_argument("--prompt", help='text prompt, e.g. "a thick seven" (text-to-image pipelines from train --text)')
+    s.add_argument("--negative-prompt", default="",
+                   help='what guidance should steer away from, e.g. "thick" (replaces the empty prompt of eq-cfg)')
 
     e = sub.add_parser("eval", help="sample and print quality metrics beside their real-vs-real floors")
     _sampling_args(e, SAMPLERS, default_n=1000)
@@ -102,9 +116,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _sampling_args(p: argparse.ArgumentParser, samplers, default_n: int) -> None:
     p.add_argument("--ckpt", required=True, help="run directory (uses its latest checkpoint) or a step_XXXXXX dir")
-    p.add_argument("--sampler", default="ddim", choices=list(samplers), metavar="NAME",
-                   help=f"one of {', '.join(samplers)} (default ddim)")
-    p.add_argument("--steps", type=int, help="sampling steps (default 50; ddpm always uses all T)")
+    names = [*samplers, *(s for s in FLOW_SOLVERS if s not in samplers)]
+    p.add_argument("--sampler", choices=names, metavar="NAME",
+                   help=f"one of {', '.join(samplers)}; for a flow-matching checkpoint {' or '.join(FLOW_SOLVERS)}. "
+                        "Default per training objective: " + ", ".join(f"{k} {v}" for k, v in DEFAULT_SAMPLERS.items()))
+    p.add_argument("--steps", type=int, help="sampling steps (default: about 50 network calls, i.e. 50, or 25 for "
+                                             "heun; ddpm always uses all T)")
     p.add_argument("--eta", type=float, help="DDIM/ancestral noise η >= 0")
     p.add_argument("--n", type=int, default=default_n, help=f"number of samples (default {default_n})")
     p.add_argument("--seed", type=int, default=0)
@@ -156,15 +173,22 @@ def _train(a: argparse.Namespace) -> int:
         raise UsageError(f"--out {out} already holds a run; pass --resume to continue it or choose another --out")
     given = {k: v for k, v in dict(steps=a.steps, batch_size=a.batch_size, lr=a.lr, seed=a.seed, device=a.device,
                                    ckpt_every=a.ckpt_every, ckpt_minutes=a.ckpt_minutes, precision=a.precision,
-                                   accum_steps=a.accum_steps, sample_every=a.sample_every).items() if v is not None}
+                                   accum_steps=a.accum_steps, sample_every=a.sample_every,
+                                   num_workers=a.num_workers).items() if v is not None}
     if a.compile:
         given["compile"] = True
+    if a.hflip:
+        given["hflip"] = True
+    if a.stream and a.data not in ("folder", "mnist", "fashion_mnist"):
+        raise UsageError(f"--stream reads folder, mnist and fashion_mnist files; {a.data} fits in memory")
     if a.no_progress:
         given["progress"] = False
     diffusion_args = {k: v for k, v in dict(schedule=a.schedule, T=a.T, prediction=a.prediction).items()
                       if v is not None}
-    data = load_dataset(a.data, a.data_path)
+    data = load_dataset(a.data, a.data_path, stream=a.stream, image_size=a.image_size, channels=a.channels)
     if has_run:
+        if a.objective is not None:
+            raise UsageError("--resume continues the run with the objective it was trained with; drop --objective")
         trainer = Trainer.resume(out, data, **given)  # differing settings are reported by name
         saved = trainer.diffusion.to_dict() if trainer.diffusion is not None else {}
         clash = [f"--{k} {v} (the run has {saved.get(k)})" for k, v in diffusion_args.items() if saved.get(k) != v]
@@ -172,6 +196,9 @@ def _train(a: argparse.Namespace) -> int:
             raise UsageError("--resume continues the run as it was built; drop "
                              + ", ".join(clash + ["--preset"] * bool(a.preset) + ["--conditional"] * a.conditional))
     else:
+        objective_name = a.objective or "ddpm"
+        if objective_name != "ddpm" and a.prediction is not None:
+            raise UsageError(f"--prediction is for --objective ddpm; {objective_name} fixes what the network predicts")
         if a.conditional and data.labels is None:
             raise UsageError(f"--conditional needs labels, and dataset {a.data!r} has none")
         recipe = None if a.preset else RECIPE_DEFAULTS.get((a.data, a.conditional))
@@ -198,7 +225,10 @@ def _train(a: argparse.Namespace) -> int:
         diffusion = DiffusionConfig(**diffusion_args)
         config = TrainConfig(**given)
         torch.manual_seed(config.seed)  # the model's initial weights
-        trainer = Trainer(build_model(kind, cfg), diffusion.build(), data, config, out, diffusion)
+        schedule = diffusion.build()
+        objective = _objective(objective_name, schedule)
+        trainer = Trainer(build_model(kind, cfg), None if objective_name == "flow" else schedule, data, config, out,
+                          None if objective_name == "flow" else diffusion, objective=objective)
     main_rank = trainer.dist.is_main
     if main_rank:
         print(f"training {trainer.config.steps - trainer.step} steps on {trainer.device} "
@@ -209,6 +239,17 @@ def _train(a: argparse.Namespace) -> int:
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     return 0
+
+
+def _objective(name: str, schedule):
+    """The training objective for ``--objective`` (None: the Trainer's default denoising loss)."""
+    from .training.continuous import EDMObjective, FlowMatchingObjective
+
+    if name == "flow":
+        return FlowMatchingObjective("logit_normal")
+    if name == "edm":
+        return EDMObjective(schedule)
+    return None
 
 
 def _check_writable(path: Path) -> None:
@@ -226,7 +267,12 @@ def _load(a: argparse.Namespace) -> Checkpoint:
     if not Path(a.ckpt).exists():
         raise UsageError(f"--ckpt {a.ckpt} does not exist")
     ckpt = load_checkpoint(a.ckpt, ema=not a.raw, device=device)
-    sampler_kwargs(a.sampler, ckpt.schedule.T, a.steps, a.eta)  # validate before any work
+    a.sampler = a.sampler or DEFAULT_SAMPLERS.get(ckpt.objective_name, "ddim")
+    T = ckpt.schedule.T if ckpt.schedule is not None else None
+    try:  # validate before any work
+        sampler_kwargs(a.sampler, T, a.steps, a.eta, ckpt.objective_name)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     if a.n < 1 or a.batch_size < 1:
         raise UsageError(f"--n and --batch-size must be >= 1; got {a.n} and {a.batch_size}")
     return ckpt
@@ -284,7 +330,8 @@ def _sample_prompt(a: argparse.Namespace, out: Path, is_pipeline: bool) -> int:
     a.guidance = DEFAULT_PROMPT_GUIDANCE if a.guidance is None else a.guidance
     x = sample_prompt(a.ckpt, a.prompt, n=a.n, guidance=a.guidance, steps=a.steps or 50,
                       generator=_generator(a.seed),
-                      sampler=a.sampler, device="cpu" if a.device == "auto" else a.device)
+                      sampler=a.sampler or "ddim", device="cpu" if a.device == "auto" else a.device,
+                      negative_prompt=a.negative_prompt)
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix == ".npy":
         np.save(out, x.numpy().astype(np.float32))
@@ -292,7 +339,8 @@ def _sample_prompt(a: argparse.Namespace, out: Path, is_pipeline: bool) -> int:
         from .data.images import save_grid
 
         save_grid(x, out)
-    print(f"wrote {a.n} samples for {a.prompt!r} (guidance {a.guidance}) to {out}")
+    away = f", away from {a.negative_prompt!r}" if a.negative_prompt else ""
+    print(f"wrote {a.n} samples for {a.prompt!r} (guidance {a.guidance}{away}) to {out}")
     return 0
 
 
@@ -335,7 +383,8 @@ def _eval(a: argparse.Namespace) -> int:
         result = metrics.toy_metrics(x, load_dataset(name, split="test", n=2 * max(a.n, 1000)).x)
     else:
         raise UsageError(f"eval knows digits and the 2-D toy sets; this checkpoint was trained on {name!r}")
-    print(f"{ckpt.path} ({a.sampler}, steps={a.steps or 50}, n={a.n}, seed={a.seed})")
+    print(f"{ckpt.path} ({ckpt.objective_name} model, {a.sampler}, steps={a.steps or 'default'}, n={a.n}, "
+          f"seed={a.seed})")
     print(metrics.format_metrics(result))
     return 0
 

@@ -49,7 +49,10 @@ class Recipe:
     def digest(self) -> str:
         """A short hash of everything that determines the trained weights."""
         d = self.to_dict()
-        d["train"] = {k: v for k, v in d["train"].items() if k not in ("progress", "log_every")}
+        # not weight-shaping (progress, log_every, num_workers), or added later at a default that leaves the
+        # weights as they were (hflip=False): left out so that earlier caches stay valid
+        d["train"] = {k: v for k, v in d["train"].items()
+                      if k not in ("progress", "log_every", "num_workers") and not (k == "hflip" and v is False)}
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:10]
 
 

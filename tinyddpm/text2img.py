@@ -117,23 +117,28 @@ class TextToImage(nn.Module):
         ids, mask = ids.to(self.device), mask.to(self.device)
         return self.text_encoder(ids, mask), mask
 
-    def guided_denoiser(self, prompts: list[str], guidance: float):
-        """model(z_t, t) = ε_u + w (ε_c - ε_u), eq. (eq-cfg), with ε_u from the empty prompt.
+    def guided_denoiser(self, prompts: list[str], guidance: float, negative_prompts: str | list[str] = ""):
+        """model(z_t, t) = ε_u + w (ε_c - ε_u), eq. (eq-cfg), with ε_u from the empty prompt — or from a
+        *negative prompt*, so that guidance pushes away from what it describes (e.g. "thick").
 
         The package's one guidance batcher, :func:`tinyddpm.sampling.guidance.cfg_model`: both halves
         run in one forward pass on the doubled batch [z_t; z_t] (one half only for w = 1 or w = 0).
         """
         check_nonneg_float("guidance", guidance)
         B = len(prompts)
-        ctx, mask = self.encode_prompts(list(prompts) + [""] * B)
+        negative = [negative_prompts] * B if isinstance(negative_prompts, str) else list(negative_prompts)
+        if len(negative) != B:
+            raise ValueError(f"got {len(negative)} negative prompts for {B} prompts (pass one string for all)")
+        ctx, mask = self.encode_prompts(list(prompts) + negative)
         return cfg_model(self.unet, {"context": ctx[:B], "mask": mask[:B]}, {"context": ctx[B:], "mask": mask[B:]},
                          guidance)
 
     @torch.no_grad()
     def generate(self, prompts: str | list[str], *, guidance: float = DEFAULT_PROMPT_GUIDANCE, steps: int = 50,
                  sampler: str = "ddim", generator: torch.Generator | None = None,
-                 return_latents: bool = False) -> Tensor:
-        """Images (B, C, H, W) in [-1, 1] for the prompts: sample a latent with ``sampler``, decode it."""
+                 return_latents: bool = False, negative_prompts: str | list[str] = "") -> Tensor:
+        """Images (B, C, H, W) in [-1, 1] for the prompts: sample a latent with ``sampler``, decode it.
+        ``negative_prompts`` replace the empty prompt in the unconditional branch of guidance."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompts:
             raise ValueError("pass at least one prompt")
@@ -141,7 +146,7 @@ class TextToImage(nn.Module):
             raise ValueError(f"sampler must be one of {', '.join(map(repr, SAMPLERS))}; got {sampler!r}")
         was_training = self.training
         self.eval()
-        model = self.guided_denoiser(prompts, guidance)
+        model = self.guided_denoiser(prompts, guidance, negative_prompts)
         kw = {} if sampler == "ddpm" else {"steps": check_int("steps", steps, low=1, high=self.schedule.T)}
         z = sample(sampler, model, self.schedule, (len(prompts), *self.latent_shape), generator=generator,
                    device=self.device, prediction=self.config.diffusion.prediction if self.config else "eps", **kw)
@@ -218,6 +223,7 @@ class Text2ImgObjective(Objective):
     """
 
     name = "text2img"
+    streams = False  # captions are drawn per dataset row in draw(), before any BatchSource
 
     def __init__(self, schedule: NoiseSchedule, prediction: str = "eps", *, caption_dropout: float = 0.1,
                  attribute_prob: float = 0.5):
@@ -341,11 +347,12 @@ def is_text2img_checkpoint(path: str | Path) -> bool:
 
 def sample_prompt(ckpt_dir: str | Path, prompt: str, n: int = 8, guidance: float = DEFAULT_PROMPT_GUIDANCE,
                   steps: int = 50, generator: torch.Generator | None = None, sampler: str = "ddim",
-                  device: str | torch.device = "cpu") -> Tensor:
+                  device: str | torch.device = "cpu", negative_prompt: str = "") -> Tensor:
     """``n`` images (n, C, H, W) in [-1, 1] for one prompt from the pipeline saved in ``ckpt_dir``.
 
-    What ``tinyddpm sample --prompt "a seven" --guidance 3 --ckpt DIR --out x.png`` runs.
+    What ``tinyddpm sample --prompt "a seven" --negative-prompt thick --guidance 3 --ckpt DIR --out x.png`` runs.
     """
     n = check_int("n", n, low=1)
     pipe = TextToImage.load(ckpt_dir, device)
-    return pipe.generate([prompt] * n, guidance=guidance, steps=steps, sampler=sampler, generator=generator)
+    return pipe.generate([prompt] * n, guidance=guidance, steps=steps, sampler=sampler, generator=generator,
+                         negative_prompts=negative_prompt)

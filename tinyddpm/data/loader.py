@@ -1,6 +1,8 @@
 """Minibatches for training, from memory or streamed from disk, resumable and sharded (book chapter 5).
 
-:func:`make_batch_source` is the one way the Trainer reads data::
+:func:`make_batch_source` is how the Trainer reads a streamed set, or any images with random flips
+(``TrainConfig(hflip=True)``); an in-memory set without flips is sampled with replacement by the
+objective itself (the book's chapters were measured that way)::
 
     batches = make_batch_source(data, batch_size=128, seed=0, device="cuda", hflip=True)
     x0, y = next(batches)          # float32 (b, C, H, W) in [-1, 1] on the device; labels or None
@@ -174,6 +176,7 @@ class BatchSource:
             self._it = iter(self._loader())  # before advancing: its batch sampler starts where we are now
         idx, flip = self._order.next()
         idx = idx[self._part]
+        self.last_indices = idx  # this process's rows of the dataset (CPU int64): labels, captions
         if self.streaming:
             x = pixels_to_float(next(self._it).to(self.device, non_blocking=True))
             y = None if self._labels is None else self._labels[idx].to(self.device, non_blocking=True)

@@ -43,7 +43,8 @@ def edm_coefficients(sigma: Tensor | float, sigma_data: float = SIGMA_DATA) -> t
     if sigma_data == 0:
         raise ValueError("sigma_data must be > 0 (the standard deviation of the data)")
     s = _sigma(sigma)
-    if bool((s <= 0).any()) and not torch.compiler.is_compiling():
+    # checked where that costs no device sync (a GPU tensor is the sampler's own grid, already valid)
+    if s.device.type == "cpu" and not torch.compiler.is_compiling() and bool((s <= 0).any()):
         raise ValueError("sigma must be > 0 (c_noise = ln(sigma) / 4)")
     total = s * s + sigma_data**2
     c_skip = sigma_data**2 / total

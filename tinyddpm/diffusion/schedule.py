@@ -178,8 +178,16 @@ class NoiseSchedule:
         ``sigmas[t]`` exactly. With ᾱ_T = 0, σ(t) = ∞ on (T-1, T]. Returns a float64 tensor
         shaped like t (on CPU).
         """
-        t = self._real_t(t)
-        sig = self.sigmas
+        return self.sigma_at_unchecked(self._real_t(t))
+
+    def sigma_at_unchecked(self, t: Tensor) -> Tensor:
+        """:meth:`sigma_at` computed on t's device (float64 there) with no validation and no host read.
+
+        For sampling loops on a GPU: the caller guarantees t lies in [0, T] (the samplers' grids do).
+        The σ table is copied to the device once (see :meth:`_coef`).
+        """
+        t = t.detach().to(F64)
+        sig = self.sigmas if t.device.type == "cpu" else self._table_on("sigmas", t.device)
         lo = t.floor().long().clamp(0, self.T - 1)
         w = t - lo
         s_lo, s_hi = sig[lo], sig[lo + 1]
@@ -257,11 +265,30 @@ class NoiseSchedule:
         check_batch(t, x)
         return t
 
+    def _coef(self, name: str, t: Tensor, x: Tensor) -> Tensor:
+        """``extract(self.<name>, t, x)`` with the table on t's device, copied there once per device.
+
+        The trainer keeps t on the CPU (no copy at all); a caller with t on a GPU gets a table that
+        was moved there on first use instead of a host-to-device copy of all T+1 entries per call.
+        """
+        return extract(self._table_on(name, t.device), t, x)
+
+    def _table_on(self, name: str, device: torch.device) -> Tensor:
+        """The per-step table ``name`` (an attribute or property) on ``device``, copied there once."""
+        cache = self.__dict__.setdefault("_device_tables", {})
+        if (name, device) in cache:
+            return cache[(name, device)]
+        table = getattr(self, name)
+        if table.device == device:
+            return table
+        cache[(name, device)] = table.to(device)
+        return cache[(name, device)]
+
     def q_sample(self, x0: Tensor, t: int | Tensor, noise: Tensor) -> Tensor:
         """x_t = √ᾱ_t x_0 + √(1-ᾱ_t) ε, a draw from q(x_t | x_0), eq. (eq-forward-closed)."""
         check_same_shape(x0=x0, noise=noise)
         t = self._t(t, x0)
-        return extract(self.sqrt_alpha_bars, t, x0) * x0 + extract(self.sqrt_one_minus_alpha_bars, t, x0) * noise
+        return self._coef("sqrt_alpha_bars", t, x0) * x0 + self._coef("sqrt_one_minus_alpha_bars", t, x0) * noise
 
     def q_posterior(self, x0: Tensor, xt: Tensor, t: int | Tensor) -> tuple[Tensor, Tensor]:
         """Mean and variance of q(x_{t-1} | x_t, x_0), eqs. (eq-posterior-mean), (eq-posterior-var).
@@ -270,38 +297,38 @@ class NoiseSchedule:
         """
         check_same_shape(x0=x0, xt=xt)
         t = self._t(t, xt, low=1)
-        mean = extract(self.posterior_coef_x0, t, xt) * x0 + extract(self.posterior_coef_xt, t, xt) * xt
-        return mean, extract(self.posterior_variance, t, xt)
+        mean = self._coef("posterior_coef_x0", t, xt) * x0 + self._coef("posterior_coef_xt", t, xt) * xt
+        return mean, self._coef("posterior_variance", t, xt)
 
     def x0_from_eps(self, xt: Tensor, t: int | Tensor, eps: Tensor) -> Tensor:
         """x̂_0 = (x_t - √(1-ᾱ_t) ε) / √ᾱ_t, eq. (eq-x0-from-eps). Undefined where ᾱ_t = 0."""
         check_same_shape(xt=xt, eps=eps)
         t = self._t(t, xt)
-        return (xt - extract(self.sqrt_one_minus_alpha_bars, t, xt) * eps) / extract(self.sqrt_alpha_bars, t, xt)
+        return (xt - self._coef("sqrt_one_minus_alpha_bars", t, xt) * eps) / self._coef("sqrt_alpha_bars", t, xt)
 
     def eps_from_x0(self, xt: Tensor, t: int | Tensor, x0: Tensor) -> Tensor:
         """ε = (x_t - √ᾱ_t x_0) / √(1-ᾱ_t), eq. (eq-x0-from-eps) solved for ε; needs t >= 1."""
         check_same_shape(xt=xt, x0=x0)
         t = self._t(t, xt, low=1)
-        return (xt - extract(self.sqrt_alpha_bars, t, xt) * x0) / extract(self.sqrt_one_minus_alpha_bars, t, xt)
+        return (xt - self._coef("sqrt_alpha_bars", t, xt) * x0) / self._coef("sqrt_one_minus_alpha_bars", t, xt)
 
     def v_from_x0_eps(self, x0: Tensor, t: int | Tensor, eps: Tensor) -> Tensor:
         """v = √ᾱ_t ε - √(1-ᾱ_t) x_0 (Salimans & Ho 2022), eq. (eq-v)."""
         check_same_shape(x0=x0, eps=eps)
         t = self._t(t, x0)
-        return extract(self.sqrt_alpha_bars, t, x0) * eps - extract(self.sqrt_one_minus_alpha_bars, t, x0) * x0
+        return self._coef("sqrt_alpha_bars", t, x0) * eps - self._coef("sqrt_one_minus_alpha_bars", t, x0) * x0
 
     def x0_from_v(self, xt: Tensor, t: int | Tensor, v: Tensor) -> Tensor:
         """x_0 = √ᾱ_t x_t - √(1-ᾱ_t) v, eq. (eq-v)."""
         check_same_shape(xt=xt, v=v)
         t = self._t(t, xt)
-        return extract(self.sqrt_alpha_bars, t, xt) * xt - extract(self.sqrt_one_minus_alpha_bars, t, xt) * v
+        return self._coef("sqrt_alpha_bars", t, xt) * xt - self._coef("sqrt_one_minus_alpha_bars", t, xt) * v
 
     def eps_from_v(self, xt: Tensor, t: int | Tensor, v: Tensor) -> Tensor:
         """ε = √(1-ᾱ_t) x_t + √ᾱ_t v, eq. (eq-v)."""
         check_same_shape(xt=xt, v=v)
         t = self._t(t, xt)
-        return extract(self.sqrt_one_minus_alpha_bars, t, xt) * xt + extract(self.sqrt_alpha_bars, t, xt) * v
+        return self._coef("sqrt_one_minus_alpha_bars", t, xt) * xt + self._coef("sqrt_alpha_bars", t, xt) * v
 
     def predict_x0_eps(
         self, xt: Tensor, t: int | Tensor, out: Tensor, prediction: Prediction = "eps"

@@ -28,7 +28,7 @@ import os  # noqa: F401  (tests patch os.replace through this module to simulate
 import pickle
 import shutil
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -199,6 +199,13 @@ class Checkpoint:
     step: int
     path: Path
     ema: bool
+    #: what the network was trained on (config.json's "objective"): {"name": "diffusion" | "flow" | "edm", ...}
+    objective: dict[str, Any] = field(default_factory=lambda: {"name": "diffusion"})
+
+    @property
+    def objective_name(self) -> str:
+        """"diffusion" (an ε/x_0/v network), "flow" (a velocity network) or "edm" (EDM-preconditioned)."""
+        return str(self.objective.get("name", "diffusion"))
 
     @property
     def prediction(self) -> str:
@@ -251,5 +258,5 @@ def load_checkpoint(path: str | Path, *, ema: bool = True, device: str | torch.d
         diffusion=DiffusionConfig.from_dict(cfg["diffusion"]) if cfg.get("diffusion") else None,
         train=TrainConfig.from_dict(cfg["train"]) if cfg.get("train") else None, data=cfg.get("data") or {},
         step=int(cfg["step"]),
-        path=step_dir, ema=ema,
+        path=step_dir, ema=ema, objective=cfg.get("objective") or {"name": "diffusion"},
     )

@@ -80,6 +80,9 @@ class TrainConfig(Config):
     "fp32", "bf16" (CPU too) or "fp16" (CUDA). ``accum_steps`` splits each batch into that many
     micro-batches whose gradients add up to the full batch's. ``label_dropout`` replaces class
     labels by the null label (conditional models only, for classifier-free guidance).
+    ``hflip`` mirrors each image left-right with probability 1/2 (the DDPM CIFAR-10 recipe); with it, or
+    with a streamed data set, batches come from :func:`tinyddpm.data.make_batch_source` (epochs without
+    replacement; ``num_workers`` decoding processes for a streamed set, default min(4, CPUs)).
     ``*_every = 0`` disables that periodic action. Checkpoints (with an out_dir) are written every
     ``ckpt_every`` steps — by default (None) every 10 % of ``steps`` — and also whenever
     ``ckpt_minutes`` have passed since the last one (0 disables the clock), and at the end.
@@ -111,6 +114,8 @@ class TrainConfig(Config):
     ckpt_minutes: float = 5.0
     keep_last: int = 3
     progress: bool = True
+    hflip: bool = False
+    num_workers: int | None = None
 
     def __post_init__(self) -> None:
         check_int("steps", self.steps, low=0)
@@ -131,7 +136,9 @@ class TrainConfig(Config):
         check_int("accum_steps", self.accum_steps, low=1)
         if self.batch_size % self.accum_steps:
             raise ValueError(f"batch_size {self.batch_size} must be divisible by accum_steps {self.accum_steps}")
-        for name in ("compile", "progress"):
+        if self.num_workers is not None:
+            check_int("num_workers", self.num_workers, low=0)
+        for name in ("compile", "progress", "hflip"):
             _check_bool(name, getattr(self, name))
         check_choice("weighting", self.weighting, WEIGHTINGS)
         gamma = check_nonneg_float("min_snr_gamma", self.min_snr_gamma)
@@ -177,5 +184,5 @@ class TrainConfig(Config):
 # (precision and accum_steps only through round-off; steps only through a cosine lr schedule).
 RESUMABLE_CHANGES: frozenset[str] = frozenset(
     {"steps", "device", "compile", "progress", "log_every", "sample_every", "sample_steps", "sample_n",
-     "ckpt_every", "ckpt_minutes", "keep_last", "precision", "accum_steps"}
+     "ckpt_every", "ckpt_minutes", "keep_last", "precision", "accum_steps", "num_workers"}
 )

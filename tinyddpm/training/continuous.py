@@ -71,7 +71,7 @@ class FlowMatchingObjective(_Conditional):
         return out
 
     def loss(self, net: nn.Module, batch: Batch) -> Tensor:
-        x0, eps = self.gather(batch["idx"]), batch["noise"]
+        x0, eps = self.rows(batch), batch["noise"]
         t = batch["level"].to(self.device, x0.dtype)
         v = net(flow_interpolate(x0, eps, t), t * self.time_scale, **self._cond(batch))
         return (v.float() - flow_target(x0, eps)).pow(2).mean()
@@ -108,7 +108,7 @@ class EDMObjective(_Conditional):
         return out
 
     def loss(self, net: nn.Module, batch: Batch) -> Tensor:
-        x0, n = self.gather(batch["idx"]), batch["noise"]
+        x0, n = self.rows(batch), batch["noise"]
         sigma64 = batch["level"].double().exp()                                   # on the CPU: no device sync
         t_net = self.schedule.t_from_sigma(sigma64).to(self.device, torch.float32)
         c_skip, c_out, c_in, _ = edm_coefficients(sigma64, self.sigma_data)
@@ -137,9 +137,12 @@ def edm_eps_model(net: nn.Module, schedule: NoiseSchedule, sigma_data: float = S
     all sample an EDM model.
     """
     def model(xt: Tensor, t: Tensor) -> Tensor:
-        sigma64 = schedule.sigma_at(t.detach().cpu().double())   # the schedule's tables live on the CPU
-        if bool((sigma64 <= 0).any()):
-            raise ValueError("an EDM model needs σ_t > 0: call it at t > 0")
+        if t.device.type == "cpu":   # validated here; on a GPU σ is computed there, with no host read
+            sigma64 = schedule.sigma_at(t.double())
+            if bool((sigma64 <= 0).any()):
+                raise ValueError("an EDM model needs σ_t > 0: call it at t > 0")
+        else:
+            sigma64 = schedule.sigma_at_unchecked(t)
         c_skip, c_out, c_in, _ = edm_coefficients(sigma64, sigma_data)
         shape = (-1,) + (1,) * (xt.ndim - 1)
         sig = sigma64.to(xt.device, xt.dtype).reshape(shape)

@@ -55,6 +55,9 @@ class Objective:
     name: ClassVar[str] = ""
     #: True when the trained network is a denoiser the Trainer can sample (``sample_every``)
     samples: ClassVar[bool] = False
+    #: True when the loss reads its images only through :meth:`rows`, so that a
+    #: :class:`~tinyddpm.data.loader.BatchSource` (streaming, flips) can feed it
+    streams: ClassVar[bool] = True
 
     def bind(self, trainer: Trainer) -> None:
         """Called once the model is on its device (and, on resume, has its weights): keep the data.
@@ -67,9 +70,14 @@ class Objective:
         self.device = trainer.device
         self.data = data
         self.x = None
-        if nbytes < (2 << 30):
+        if getattr(trainer, "batch_source", None) is None and nbytes < (2 << 30):
             x = data.x_at(torch.arange(self.n)) if hasattr(data, "x_at") else data.x
             self.x = x.to(self.device, torch.float32)
+
+    def rows(self, batch: Batch) -> Tensor:
+        """The batch's images x_0 on the training device: the ones a BatchSource delivered (key
+        ``"x0"``, already flipped) or rows ``batch["idx"]`` of the data."""
+        return batch["x0"] if "x0" in batch else self.gather(batch["idx"])
 
     def gather(self, idx: Tensor) -> Tensor:
         """Rows ``idx`` of the data, on the training device."""
@@ -140,7 +148,7 @@ class DiffusionObjective(Objective):
         """(x_0, t, ε, y) for a slice of drawn rows; y (conditional models) has the dropped labels
         replaced by the null label ``num_classes``. t stays on the CPU (see :func:`diffusion_loss_at`:
         no device sync for the schedule lookups); the rest is on the training device."""
-        x0, t = self.gather(batch["idx"]), batch["t"]
+        x0, t = self.rows(batch), batch["t"]
         if self.labels is None:
             return x0, t, batch["noise"], None
         y = self.labels[batch["idx"].to(self.labels.device)]
@@ -195,7 +203,7 @@ class ELBOObjective(Objective):
     def loss(self, net: nn.Module, batch: Batch) -> Tensor:
         from ..nets.vae import kl_standard_normal
 
-        x = self.gather(batch["idx"])
+        x = self.rows(batch)
         mean, logvar, x_hat = net(x, batch["eps"])
         rec = (x - x_hat.float()).pow(2).flatten(1).sum(1)
         return (rec + self.beta * kl_standard_normal(mean.float(), logvar.float())).mean()
@@ -246,7 +254,7 @@ class ClassificationObjective(Objective):
 
     def loss(self, net: nn.Module, batch: Batch) -> Tensor:
         idx = batch["idx"]
-        x = self._shifted(self.gather(idx), batch["shift"].to(self.device))
+        x = self._shifted(self.rows(batch), batch["shift"].to(self.device))
         n = len(idx)
         if not self.outlier_weight:
             return F.cross_entropy(net(x), self.labels[idx.to(self.labels.device)].to(self.device))

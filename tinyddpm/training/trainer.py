@@ -28,6 +28,7 @@ import math
 import signal
 import sys
 import time
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from ..data.loader import FEW_IMAGES, BatchSource, make_batch_source
+from ..data.stream import StreamingImages
 from ..diffusion.schedule import NoiseSchedule
 from .checkpoint import (
     build_from_entry,
@@ -105,7 +108,8 @@ def config_differences(saved: dict[str, Any], current: dict[str, Any], prefix: s
 class Trainer:
     """Train ``model`` on ``data`` by minimising ``objective`` (default: denoising under ``schedule``).
 
-    ``data`` is a :class:`tinyddpm.data.Dataset` (``x``, optional ``labels``). ``schedule`` (and
+    ``data`` is a :class:`tinyddpm.data.Dataset` (``x``, optional ``labels``) or a streamed set
+    (:class:`~tinyddpm.data.stream.StreamingImages`, from ``load_dataset(..., stream=True)``). ``schedule`` (and
     ``diffusion``) describe the default :class:`DiffusionObjective`; pass ``objective=`` for another
     loss (then ``schedule`` may be None). With ``out_dir`` the trainer writes checkpoints (see the
     module docstring), a JSONL loss log and sample grids there; ``resume=True`` continues from
@@ -149,6 +153,7 @@ class Trainer:
                 and getattr(data, "labels", None) is None:
             raise ValueError("the model is class-conditional (num_classes set) but the data has no labels")
 
+        self.batch_source = self._batch_source(data, objective)
         self.model = model.to(self.device)
         self._net: nn.Module = objective.network(self.model)
         if self.dist.world_size > 1:  # DDP broadcasts rank 0's weights now, so build EMA/optimiser after
@@ -175,6 +180,21 @@ class Trainer:
         self._last_save = time.monotonic()
         self._signals: StopSignals | None = None
         self._stop_signum, self._save_due = 0, False
+
+    def _batch_source(self, data: Any, objective: Objective) -> BatchSource | None:
+        """A streamed set, or flips, are read through make_batch_source (epochs, workers, this rank's
+        share); an in-memory set without flips is sampled by the objective (None)."""
+        if not (isinstance(data, StreamingImages) or self.config.hflip):
+            if len(self._shape) == 3 and self._n < FEW_IMAGES:   # (the batch source warns the same itself)
+                warnings.warn(f"the dataset has only {self._n} images: a diffusion model trained on so few tends "
+                              "to reproduce its training images rather than make new ones", UserWarning, stacklevel=3)
+            return None
+        if not objective.streams:
+            raise ValueError(f"the {objective.name!r} objective reads its data by index and cannot train on a "
+                             "streamed set or with hflip=True; load the data into memory and set hflip=False")
+        return make_batch_source(data, self.config.batch_size, seed=self.config.seed, rank=self.dist.rank,
+                                 world_size=self.dist.world_size, device=self.device, hflip=self.config.hflip,
+                                 num_workers=self.config.num_workers)
 
     # ------------------------------------------------------------------ construction from a run
     @classmethod
@@ -209,7 +229,11 @@ class Trainer:
         B = self.config.batch_size
         batch = self.objective.draw(B, self.batch_gen, self.noise_gen)
         b = B // self.dist.world_size
-        return slice_batch(batch, slice(self.dist.rank * b, (self.dist.rank + 1) * b))
+        batch = slice_batch(batch, slice(self.dist.rank * b, (self.dist.rank + 1) * b))
+        if self.batch_source is not None:  # this process's images replace the drawn indices' rows
+            batch["x0"], _ = next(self.batch_source)
+            batch["idx"] = self.batch_source.last_indices
+        return batch
 
     def train_step(self) -> dict[str, float]:
         """One optimiser step over ``accum_steps`` micro-batches; raises TrainingDiverged (weights
@@ -358,6 +382,8 @@ class Trainer:
         ema.pop("model")  # the EMA weights go to ema.safetensors
         out = {"step": self.step, "optimizer": self.optimizer.state_dict(), "ema": ema,
                "rng": rng_state(self.batch_gen, self.noise_gen), "device_type": self.device.type}
+        if self.batch_source is not None:
+            out["data"] = self.batch_source.state_dict()
         if self.scaler is not None:
             out["scaler"] = self.scaler.state_dict()
         return out
@@ -442,4 +468,9 @@ class Trainer:
         if self.scaler is not None and "scaler" in state:
             self.scaler.load_state_dict(state["scaler"])
         self.step = int(state["step"])
+        if self.batch_source is not None:
+            if "data" not in state:
+                raise ValueError(f"cannot resume from {step_dir}: it was trained on data held in memory without "
+                                 "flips, this run streams or flips its data (a different batch order)")
+            self.batch_source.load_state_dict(state["data"])
         restore_rng_state(state["rng"], self.batch_gen, self.noise_gen, reseed=self.config.seed + 1 + self.step)
