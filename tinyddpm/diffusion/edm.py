@@ -38,7 +38,8 @@ def _sigma(sigma: Tensor | float) -> Tensor:
 
 
 def edm_coefficients(sigma: Tensor | float, sigma_data: float = SIGMA_DATA) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(c_skip, c_out, c_in, c_noise) at noise level ``sigma`` (any shape, > 0), eq. (eq-edm-precond)."""
+    """(c_skip, c_out, c_in, c_noise) at noise level ``sigma`` (any shape, > 0), eqs. (eq-edm-precond),
+    (eq-edm-coefficients)."""
     sigma_data = check_nonneg_float("sigma_data", sigma_data)
     if sigma_data == 0:
         raise ValueError("sigma_data must be > 0 (the standard deviation of the data)")
@@ -55,7 +56,7 @@ def edm_coefficients(sigma: Tensor | float, sigma_data: float = SIGMA_DATA) -> t
 
 
 def edm_loss_weight(sigma: Tensor | float, sigma_data: float = SIGMA_DATA) -> Tensor:
-    """λ(σ) = (σ² + σ_data²) / (σ σ_data)² = 1 / c_out(σ)²: the weight on ‖D_θ(x; σ) - x_0‖²."""
+    """λ(σ) = (σ² + σ_data²) / (σ σ_data)² = 1 / c_out(σ)²: the weight on ‖D_θ(x; σ) - x_0‖², eq. (eq-edm-weight)."""
     _, c_out, _, _ = edm_coefficients(sigma, sigma_data)
     return 1.0 / (c_out * c_out)
 
