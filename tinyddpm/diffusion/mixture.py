@@ -103,6 +103,39 @@ class GaussianMixture:
         ab = float(ab)
         return GaussianMixture(math.sqrt(ab) * self.means, (ab * self.stds**2 + 1 - ab).sqrt(), self.weights)
 
+    def condition(self, mask: Tensor, x_known: Tensor) -> GaussianMixture:
+        """The exact law of the unknown coordinates given the known ones: p(x_u | x_k), a mixture in D_u dims.
+
+        ``mask`` is a bool tensor (D,), True where known; ``x_known`` is (D,) (its entries where the
+        mask is False are ignored, NaN allowed). With diagonal components, x_u and x_k are independent
+        within a component, so by Bayes' rule
+
+            p(x_u | x_k) = Σ_k w'_k N(x_u; μ_k,u, diag σ_k,u²),   w'_k ∝ w_k N(x_k; μ_k,k, diag σ_k,k²):
+
+        the same components restricted to the unknown axes, reweighted by how well each explains
+        x_k. One x_known only: a batch of them would give one mixture per row (different w'), so
+        condition row by row. The ground truth for inpainting (:func:`tinyddpm.inpaint`).
+        """
+        if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
+            raise TypeError(f"mask must be a bool tensor of shape (D,) = ({self.D},), True where known; "
+                            f"got {mask.dtype if isinstance(mask, Tensor) else type(mask).__name__}")
+        if mask.shape != (self.D,):
+            raise ValueError(f"mask must have shape (D,) = ({self.D},); got {tuple(mask.shape)}")
+        x_known = torch.as_tensor(x_known).detach()
+        if x_known.shape != (self.D,):
+            extra = " (one point: condition each row separately)" if x_known.ndim == 2 else ""
+            raise ValueError(f"x_known must have shape (D,) = ({self.D},){extra}; got {tuple(x_known.shape)}")
+        mask = mask.cpu()
+        if bool(mask.all()):
+            raise ValueError("mask marks every coordinate as known: nothing is left to condition on")
+        x = x_known.to(device="cpu", dtype=F64)[mask]                               # (D_k,)
+        if not torch.isfinite(x).all():
+            raise ValueError("x_known must be finite where mask is True")
+        m, sd = self.means[:, mask], self.stds[:, mask]                              # (K, D_k)
+        log_lik = -0.5 * (((x - m) / sd) ** 2 + 2 * torch.log(sd)).sum(-1)         # log N(x_k; μ_k,k, σ_k,k²) + c
+        weights = torch.softmax(torch.log(self.weights) + log_lik, dim=-1)
+        return GaussianMixture(self.means[:, ~mask], self.stds[:, ~mask], weights)
+
     @staticmethod
     def _alpha_bar(t: int | float | Tensor, schedule: NoiseSchedule, low: int) -> Tensor:
         """ᾱ_t as float64, shape () or (N,): the table at integer t, 1/(1 + σ(t)²) at fractional t."""
@@ -119,8 +152,9 @@ class GaussianMixture:
             ab = ab[0]                                              # samplers pass one t for all rows
         return ab
 
-    def _posterior(self, x: Tensor, scale: Tensor, noise_var: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """For x = scale · x_0 + √noise_var · ε: p(k | x) (N, K), x - scale μ_k and the variances (N, K, D).
+    def _joint(self, x: Tensor, scale: Tensor, noise_var: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """For x = scale · x_0 + √noise_var · ε: log w_k + log N(x; ...) up to a constant (N, K),
+        x - scale μ_k and the variances (N, K, D).
 
         Each component's x is N(scale μ_k, scale² σ_k² + noise_var); ``scale``, ``noise_var`` are
         0-d or (N,) float64.
@@ -130,7 +164,12 @@ class GaussianMixture:
         var = scale**2 * self.stds**2 + noise_var                          # (N or 1, K, D)
         diff = x[:, None, :] - scale * self.means                           # (N, K, D)
         logp = torch.log(self.weights) - 0.5 * ((diff**2 / var).sum(-1) + torch.log(var).sum(-1))
-        return torch.softmax(logp, dim=-1), diff, var.expand_as(diff)
+        return logp, diff, var.expand_as(diff)
+
+    def _posterior(self, x: Tensor, scale: Tensor, noise_var: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """As :meth:`_joint`, with p(k | x) (N, K) in place of the log joint."""
+        logp, diff, var = self._joint(x, scale, noise_var)
+        return torch.softmax(logp, dim=-1), diff, var
 
     def optimal_eps(self, xt: Tensor, t: int | float | Tensor, schedule: NoiseSchedule) -> Tensor:
         """E[ε | x_t] = √(1-ᾱ_t) Σ_k p(k | x_t) (x_t - √ᾱ_t μ_k) / (ᾱ_t σ_k² + 1 - ᾱ_t), eq. (eq-optimal-eps).
@@ -252,6 +291,44 @@ class ClassMixture:
         lp = self.mixture.component_log_probs(x)                                     # (N, K)
         per_class = torch.stack([torch.logsumexp(lp[:, self.classes == c], -1) for c in range(self.num_classes)], -1)
         return per_class - torch.logsumexp(lp, -1, keepdim=True)
+
+    def class_log_prob_grad(self, y: int | Tensor, schedule: NoiseSchedule) -> Callable[[Tensor, Tensor], Tensor]:
+        """The exact classifier gradient ``grad_fn(x_t, t)`` = ∇_{x_t} log q_t(y | x_t), for classifier guidance.
+
+        Bayes: log q_t(y | x) = log q_t(x | y) + log p(y) - log q_t(x), each q_t a mixture marginal
+        (eq-marginal-mixture), so the gradient is the class-y sub-mixture's score minus the full one's:
+        with per-component scores s_k(x) = -(x - √ᾱ μ_k) / (ᾱ σ_k² + 1 - ᾱ),
+
+            ∇ log q_t(y | x) = Σ_k (p(k | x, y) - p(k | x)) s_k(x),
+
+        p(k | x, y) being the responsibilities among y's components only (computed in log space, so
+        far from class y the gradient stays finite). ``y`` is a class (int) or a (B,) tensor, one per
+        row; ``t`` an int, a (B,) LongTensor in [0, T] or fractional steps (float tensor,
+        :meth:`NoiseSchedule.alpha_bar_at`). Returns x_t's dtype and device. For
+        :func:`tinyddpm.classifier_guidance` (Dhariwal & Nichol 2021).
+        """
+        if isinstance(y, bool) or not isinstance(y, (int, Tensor)) or (
+            isinstance(y, Tensor) and (y.is_floating_point() or y.is_complex() or y.dtype == torch.bool or y.ndim > 1)
+        ):
+            raise TypeError(f"y must be a class (int) or an integer tensor of shape (B,); got {y!r}")
+        labels = torch.as_tensor(y, dtype=torch.long).detach().cpu().reshape(-1)
+        if labels.numel() == 0 or int(labels.min()) < 0 or int(labels.max()) >= self.num_classes:
+            raise ValueError(f"y must lie in [0, {self.num_classes - 1}] (no null label for a classifier); got {y!r}")
+        gm = self.mixture
+
+        def grad_fn(xt: Tensor, t: int | float | Tensor) -> Tensor:
+            ab = gm._rows_t(xt, t, schedule, low=0)
+            if labels.numel() not in (1, xt.shape[0]):
+                raise ValueError(f"got {labels.numel()} labels for a batch of {xt.shape[0]}")
+            x = xt.detach().to(device="cpu", dtype=F64)
+            logp, diff, var = gm._joint(x, ab.sqrt(), 1 - ab)                     # (N, K), (N, K, D) x2
+            in_y = self.classes[None, :] == labels[:, None]                         # (N or 1, K)
+            r_y = torch.softmax(logp.masked_fill(~in_y, -math.inf), dim=-1)       # p(k | x, y)
+            r = torch.softmax(logp, dim=-1)                                         # p(k | x)
+            grad = -((r_y - r)[..., None] * diff / var).sum(1)
+            return grad.to(device=xt.device, dtype=xt.dtype)
+
+        return grad_fn
 
     def model(self, schedule: NoiseSchedule) -> Callable[..., Tensor]:
         """A conditional oracle ``model(x_t, t, y)``: exact E[ε | x_t, y], or E[ε | x_t] where y = null."""

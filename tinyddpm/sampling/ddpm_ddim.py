@@ -180,18 +180,22 @@ def _predict(
 def ddpm_sample(
     model: Model, s: NoiseSchedule, shape: tuple[int, ...], *, generator: torch.Generator | None = None,
     variance: Variance = "beta_tilde", clip_x0: bool | float = False, prediction: Prediction = "eps",
+    t_start: int | None = None,
     x_T: Tensor | None = None, device: torch.device | str | None = None, trajectory: list[Tensor] | None = None,
 ) -> Tensor:
     """Ancestral sampling, DDPM Algorithm 2: x_T ~ N(0, I), then T steps of (eq-ddpm-step).
 
     The common keywords (``x_T``, ``generator``, ``device``, ``trajectory``) are described in
     :mod:`tinyddpm.sampling.common`; ``trajectory=[]`` receives [x_T, x_{T-1}, ..., x_0] (on CPU).
+    ``t_start`` (default T) starts at a lower step: ``x_T`` is then x at step t_start (SDEdit,
+    :func:`tinyddpm.img2img`).
     """
     check_choice("variance", variance, VARIANCES)
     check_choice("prediction", prediction, PREDICTIONS)
-    check_eps_at_zero_snr([float(s.alpha_bars[s.T])], prediction, "ddpm_sample")
+    t_start = s.T if t_start is None else check_int("t_start", t_start, low=1, high=s.T)
+    check_eps_at_zero_snr([float(s.alpha_bars[t_start])], prediction, "ddpm_sample")
     x, noise = start(model, shape, generator=generator, device=device, x_T=x_T, trajectory=trajectory)
-    for t in range(s.T, 0, -1):
+    for t in range(t_start, 0, -1):
         x0, _ = _predict(model, s, x, t, prediction, clip_x0)            # 1. predict ε, hence x̂_0
         z = noise() if t > 1 else None                                   # 2. z ~ N(0, I), none at t = 1
         x = ddpm_step_x0(s, x, t, x0, z, variance)                       # 3. x_{t-1}
@@ -204,9 +208,13 @@ def ddim_sample(
     model: Model, s: NoiseSchedule, shape: tuple[int, ...], *, steps: int | None = None, eta: float = 0.0,
     spacing: Spacing = "trailing", sigmas: Tensor | Sequence[float] | None = None,
     generator: torch.Generator | None = None, clip_x0: bool | float = False, prediction: Prediction = "eps",
+    t_start: int | None = None,
     x_T: Tensor | None = None, device: torch.device | str | None = None, trajectory: list[Tensor] | None = None,
 ) -> Tensor:
     """DDIM sampling over ``ddim_timesteps(T, steps, spacing)`` (steps default 50), eq. (eq-ddim-step) at each step.
+
+    ``t_start`` (default T) runs the same grid on [1, t_start] instead, ``ddim_timesteps(t_start,
+    steps, spacing)``, with ``x_T`` the point at step t_start (SDEdit, :func:`tinyddpm.img2img`).
 
     ``sigmas=`` runs the same update on any descending VE noise levels instead (e.g.
     :func:`tinyddpm.karras_sigmas`), with ᾱ = 1/(1 + σ²) and the model called at fractional
@@ -216,7 +224,14 @@ def ddim_sample(
     """
     eta = check_nonneg_float("eta", eta)
     check_choice("prediction", prediction, PREDICTIONS)
-    grid = schedule_grid(s, steps, spacing, sigmas, default_steps=50)
+    if t_start is None:
+        grid = schedule_grid(s, steps, spacing, sigmas, default_steps=50)
+    elif sigmas is not None:
+        raise ValueError("pass either t_start= (the schedule's steps below it) or sigmas= (any grid), not both")
+    else:
+        t_start = check_int("t_start", t_start, low=1, high=s.T)
+        ts = ddim_timesteps(t_start, 50 if steps is None else steps, spacing)
+        grid = [(t, float(s.alpha_bars[t])) for t in ts]
     check_eps_at_zero_snr([ab for _, ab in grid], prediction, "ddim_sample")
     x, noise = start(model, shape, generator=generator, device=device, x_T=x_T, trajectory=trajectory)
     for (t, ab), (t_prev, ab_prev) in zip(grid, grid[1:] + [(0, 1.0)], strict=True):
