@@ -100,6 +100,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help=".png (a grid) or .npy (raw samples in [-1, 1], shape (N, ...))")
     s.add_argument("--label", type=int, help="class to draw (conditional models; default: unconditional)")
     s.add_argument("--prompt", help='text prompt, e.g. "a thick seven" (text-to-image pipelines from train --text)')
+    s.add_argument("--init", help="an image to edit: img2img (SDEdit) at --strength, or inpainting with --mask")
+    s.add_argument("--strength", type=float,
+                   help="img2img: how much of --init is forgotten, 0 (returned as is) to 1 (plain sampling); "
+                        "default 0.6")
+    s.add_argument("--mask", help="inpainting: an image whose white pixels are repainted and black pixels kept "
+                                  "(diffusers' convention)")
+    s.add_argument("--resample", type=int, default=1,
+                   help="inpainting: RePaint's resampling passes U per step (default 1: plain replacement)")
     s.add_argument("--negative-prompt", default="",
                    help='what guidance should steer away from, e.g. "thick" (replaces the empty prompt of eq-cfg)')
 
@@ -260,7 +268,7 @@ def _check_writable(path: Path) -> None:
         raise UsageError(f"cannot write {path}: {parent} is not a writable directory")
 
 
-def _load(a: argparse.Namespace) -> Checkpoint:
+def _load(a: argparse.Namespace, check_sampler: bool = True) -> Checkpoint:
     device = "cuda" if a.device == "auto" and torch.cuda.is_available() else ("cpu" if a.device == "auto" else a.device)
     if device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda but no CUDA GPU is available")
@@ -269,8 +277,9 @@ def _load(a: argparse.Namespace) -> Checkpoint:
     ckpt = load_checkpoint(a.ckpt, ema=not a.raw, device=device)
     a.sampler = a.sampler or DEFAULT_SAMPLERS.get(ckpt.objective_name, "ddim")
     T = ckpt.schedule.T if ckpt.schedule is not None else None
-    try:  # validate before any work
-        sampler_kwargs(a.sampler, T, a.steps, a.eta, ckpt.objective_name)
+    try:  # validate before any work (editing validates its own sampler choices)
+        if check_sampler:
+            sampler_kwargs(a.sampler, T, a.steps, a.eta, ckpt.objective_name)
     except ValueError as e:
         raise UsageError(str(e)) from None
     if a.n < 1 or a.batch_size < 1:
@@ -289,7 +298,13 @@ def _sample(a: argparse.Namespace) -> int:
 
     is_pipeline = Path(a.ckpt).exists() and is_text2img_checkpoint(a.ckpt)
     if a.prompt is not None or is_pipeline:
+        if a.init is not None:
+            raise UsageError("--init (img2img, inpainting) works with diffusion checkpoints, not text pipelines")
         return _sample_prompt(a, out, is_pipeline)
+    if a.init is not None:
+        return _sample_edit(a, out)
+    if a.mask is not None or a.strength is not None:
+        raise UsageError("--mask and --strength edit an image: give it with --init")
     ckpt = _load(a)
     chunks = ckpt.sample_chunks(a.n, sampler=a.sampler, steps=a.steps, eta=a.eta, generator=_generator(a.seed),
                                 batch_size=a.batch_size, y=a.label, guidance=a.guidance)
@@ -311,6 +326,40 @@ def _sample(a: argparse.Namespace) -> int:
         else:
             _scatter(x, out)
     print(f"wrote {a.n} samples ({a.sampler}) to {out}")
+    return 0
+
+
+def _sample_edit(a: argparse.Namespace, out: Path) -> int:
+    """``sample --init in.png [--strength s | --mask m.png]``: img2img or inpainting of one image, --n times."""
+    from .data.images import load_image, save_grid
+    from .sampling.from_checkpoint import edit
+
+    for flag, path in (("--init", a.init), ("--mask", a.mask)):
+        if path is not None and not Path(path).is_file():
+            raise UsageError(f"{flag} {path}: no such image file")
+    a.sampler = a.sampler or ("ddpm" if a.mask else "ddim")
+    ckpt = _load(a, check_sampler=False)
+    shape = ckpt.sample_shape
+    if len(shape) != 3:
+        raise UsageError(f"--init edits images; this checkpoint makes points of shape {shape}")
+    C, H, _ = shape
+    try:
+        x = load_image(a.init, image_size=H, channels=C).expand(a.n, C, H, H)
+        mask = None if a.mask is None else load_image(a.mask, image_size=H, channels=1) < 0   # black: keep
+        if mask is not None and bool(mask.all()):
+            raise UsageError(f"--mask {a.mask} has no white pixels: nothing to repaint")
+        x = edit(ckpt, x, strength=a.strength, mask=mask, sampler=a.sampler, steps=a.steps, eta=a.eta,
+                 resample=a.resample, generator=_generator(a.seed), y=a.label, guidance=a.guidance)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.suffix == ".npy":
+        np.save(out, x.numpy().astype(np.float32))
+    else:
+        save_grid(x, out)
+    strength = 0.6 if a.strength is None else a.strength
+    what = f"inpainted (U = {a.resample})" if a.mask else f"img2img at strength {strength}"
+    print(f"wrote {a.n} samples, {what}, {a.sampler}, to {out}")
     return 0
 
 

@@ -161,3 +161,43 @@ def sample_chunks(
         if clip:   # VP samplers end on a clipped x̂_0 up to round-off; a flow ODE's end point is clipped here
             x = x.clamp(-1.0, 1.0)
         yield x.float().cpu()
+
+
+def edit(
+    ckpt: Checkpoint, x: Tensor, *, strength: float | None = None, mask: Tensor | None = None,
+    sampler: str | None = None, steps: int | None = None, eta: float | None = None, resample: int = 1,
+    jump_length: int = 1, generator: torch.Generator | None = None, y: int | Tensor | None = None,
+    guidance: float | None = None, device: str | torch.device | None = None,
+) -> Tensor:
+    """Edit images ``x`` (B, C, H, W) in [-1, 1] with a checkpoint: what ``tinyddpm sample --init`` runs.
+
+    Without ``mask``: img2img (SDEdit, :func:`tinyddpm.img2img`) at ``strength`` (default 0.6),
+    sampler "ddim" by default. With ``mask`` (bool, broadcastable to x, True = keep): inpainting
+    (RePaint, :func:`tinyddpm.inpaint`) with ``resample`` = U, sampler "ddpm" by default. Class
+    label and guidance as in :func:`checkpoint_denoiser`. Needs a VP model (diffusion or EDM
+    objective); the result is clipped to [-1, 1] through x̂_0.
+    """
+    from .editing import img2img, inpaint
+
+    if ckpt.objective_name == "flow":
+        raise ValueError("img2img and inpainting here run the VP reverse process; this checkpoint is a "
+                         "flow-matching model (train with --objective ddpm or edm to edit)")
+    if not isinstance(x, Tensor) or x.ndim != 4 or tuple(x.shape[1:]) != tuple(ckpt.sample_shape):
+        raise ValueError(f"x must be images of shape (B, {', '.join(map(str, ckpt.sample_shape))}) for this "
+                         f"checkpoint; got {tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}")
+    device = torch.device(device) if device is not None else next(ckpt.model.parameters()).device
+    model = checkpoint_denoiser(ckpt, y, guidance)
+    prediction = "eps" if ckpt.objective_name == "edm" else ckpt.prediction
+    common = dict(eta=eta, generator=generator, device=device)
+    if mask is None:
+        if resample != 1 or jump_length != 1:
+            raise ValueError("resample and jump_length apply to inpainting (give a mask)")
+        out = img2img(model, ckpt.schedule, x.to(device), 0.6 if strength is None else strength, steps=steps,
+                      sampler=sampler or "ddim", prediction=prediction, clip_x0=True, **common)
+    else:
+        if strength is not None:
+            raise ValueError("strength applies to img2img; inpainting always starts from pure noise")
+        out = inpaint(model, ckpt.schedule, x.to(device), mask.to(device), steps=steps, resample=resample,
+                      jump_length=jump_length, sampler=sampler or "ddpm", prediction=prediction, clip_x0=True,
+                      **common)
+    return out.clamp(-1.0, 1.0).float().cpu()
