@@ -1,6 +1,7 @@
 """tinyddpm: diffusion models derived step by step, verified against ground truth."""
 
 from .cache import cache_dir
+from .clip import ContrastiveObjective, clip_trainer, load_clip, load_or_train_clip, train_clip
 from .data.datasets import DATASETS, Dataset, load_dataset, toy_mixture
 from .data.images import load_image, make_grid, pixels_to_float, read_pixels, save_grid, to_uint8
 from .data.loader import BatchSource, make_batch_source
@@ -20,6 +21,7 @@ from .metrics import (
     within_class_diversity,
 )
 from .nets.attention import MultiHeadAttention, SpatialTransformer, attention
+from .nets.clip import CLIPConfig, TinyCLIP, clip_loss, clip_score, clip_zero_shot_accuracy
 from .nets.cross_attn_unet import CrossAttnUNet, CrossAttnUNetConfig
 from .nets.embeddings import timestep_embedding
 from .nets.mlp import MLPDenoiser
@@ -28,6 +30,7 @@ from .nets.text import TextEncoder, TextEncoderConfig, Tokenizer, measure_ink, m
 from .nets.unet import UNet
 from .nets.vae import VAE, VAEConfig
 from .pretrained import RECIPES, load_or_train
+from .sampling.classifier_guidance import classifier_guidance
 from .sampling.ddpm_ddim import (
     ddim_invert,
     ddim_sample,
@@ -38,6 +41,7 @@ from .sampling.ddpm_ddim import (
     ddpm_step,
     ddpm_variances,
 )
+from .sampling.editing import img2img, inpaint
 from .sampling.flow import flow_sample
 from .sampling.grids import karras_sigmas, log_snr_sigmas
 from .sampling.guidance import cfg_combine, guided_model
@@ -71,11 +75,18 @@ __all__ = [
     "build_model",
     "cache_dir",
     "cfg_combine",
+    "classifier_guidance",
     "Checkpoint",
     "ClassificationObjective",
     "ClassMixture",
+    "clip_loss",
+    "clip_score",
+    "clip_trainer",
+    "clip_zero_shot_accuracy",
+    "CLIPConfig",
     "count_nfe",
     "count_parameters",
+    "ContrastiveObjective",
     "CrossAttnUNet",
     "CrossAttnUNetConfig",
     "Dataset",
@@ -116,12 +127,16 @@ __all__ = [
     "heun_sample",
     "IdxStream",
     "ImageFolderStream",
+    "img2img",
+    "inpaint",
     "is_text2img_checkpoint",
     "karras_sigmas",
     "load_checkpoint",
+    "load_clip",
     "load_dataset",
     "load_image",
     "load_or_train",
+    "load_or_train_clip",
     "load_or_train_text2img",
     "log_snr_sigmas",
     "make_batch_source",
@@ -157,11 +172,13 @@ __all__ = [
     "TextEncoderConfig",
     "TextToImage",
     "timestep_embedding",
+    "TinyCLIP",
     "to_diffusers",
     "to_uint8",
     "Tokenizer",
     "toy_metrics",
     "toy_mixture",
+    "train_clip",
     "train_text2img",
     "train_vae",
     "TrainConfig",

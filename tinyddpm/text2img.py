@@ -10,6 +10,10 @@ Training (:func:`train_text2img`): the VAE first, then it is frozen and the UNet
 are trained *jointly* on L_simple (eq-loss-simple) over scaled latents, with 10 % of captions
 replaced by the empty prompt — both through the one :class:`tinyddpm.training.trainer.Trainer`
 (objectives :class:`~tinyddpm.training.objectives.ELBOObjective` and :class:`Text2ImgObjective`).
+With ``Text2ImgConfig(text_encoder="clip")`` the text encoder is instead the text tower of a
+contrastively pre-trained :class:`tinyddpm.nets.clip.TinyCLIP`, frozen, as in Stable Diffusion: its
+token features (B, K, E) are the context, and only the UNet learns; the tower's weights are stored
+in the pipeline and checked on load against their recorded hash, like the VAE's.
 The pipeline is saved as an ordinary Trainer checkpoint of model kind "text2img" (weights of all
 three networks in one safetensors file, the tokenizer and configs in config.json), so
 :func:`tinyddpm.load_checkpoint` loads it. Sampling (:meth:`TextToImage.generate`) guides with
@@ -28,9 +32,10 @@ import torch
 from torch import Tensor, nn
 
 from .cache import cache_dir
-from .checks import check_int, check_nonneg_float
+from .checks import check_choice, check_int, check_nonneg_float
 from .config_base import Config
 from .diffusion.schedule import NoiseSchedule
+from .nets.clip import CLIPConfig, TinyCLIP, fingerprint, frozen_text_encoder
 from .nets.cross_attn_unet import CrossAttnUNet, CrossAttnUNetConfig
 from .nets.text import TextEncoder, TextEncoderConfig, Tokenizer, attribute_labels, random_captions
 from .nets.vae import VAE, VAEConfig
@@ -41,11 +46,17 @@ from .training.losses import diffusion_loss_at
 from .training.objectives import Batch, Objective
 
 FORMAT_VERSION = 2  # 2: trained by the one Trainer, saved as a Trainer checkpoint of kind "text2img"
+TEXT_ENCODERS: tuple[str, ...] = ("joint", "clip")
 
 
 @dataclass(frozen=True)
 class Text2ImgConfig(Config):
-    """Everything :func:`train_text2img` needs; saved with the pipeline."""
+    """Everything :func:`train_text2img` needs; saved with the pipeline.
+
+    ``text_encoder``: "joint" (the default) trains a :class:`TextEncoder` of shape ``text`` with the
+    UNet; "clip" uses the frozen text tower of a :class:`TinyCLIP` trained with ``clip`` (then ``text``
+    is replaced by the tower's config, and ``unet.context_dim`` must equal ``clip.text.dim``).
+    """
 
     vae: VAEConfig = field(default_factory=VAEConfig)
     vae_steps: int = 600
@@ -59,8 +70,13 @@ class Text2ImgConfig(Config):
     caption_dropout: float = 0.1
     attribute_prob: float = 0.5
     seed: int = 0
+    text_encoder: str = "joint"
+    clip: CLIPConfig = field(default_factory=CLIPConfig)
 
     def __post_init__(self):
+        check_choice("text_encoder", self.text_encoder, TEXT_ENCODERS)
+        if self.text_encoder == "joint" and self.clip != CLIPConfig():
+            raise ValueError("clip settings are used only with text_encoder='clip'")
         for name in ("vae_steps", "steps", "batch_size"):
             check_int(name, getattr(self, name), low=1)
         check_int("seed", self.seed, low=0)
@@ -71,8 +87,19 @@ class Text2ImgConfig(Config):
         if self.unet.latent_channels != self.vae.latent_channels:
             raise ValueError(f"unet.latent_channels ({self.unet.latent_channels}) must equal "
                              f"vae.latent_channels ({self.vae.latent_channels})")
-        if self.unet.context_dim != self.text.dim:
+        if self.text_encoder == "clip" and self.unet.context_dim != self.clip.text.dim:
+            raise ValueError(f"unet.context_dim ({self.unet.context_dim}) must equal clip.text.dim "
+                             f"({self.clip.text.dim})")
+        if self.text_encoder == "joint" and self.unet.context_dim != self.text.dim:
             raise ValueError(f"unet.context_dim ({self.unet.context_dim}) must equal text.dim ({self.text.dim})")
+
+    def to_dict(self) -> dict[str, Any]:
+        """As :meth:`Config.to_dict`, without ``text_encoder`` and ``clip`` for joint training: a joint
+        config (its digest, its cached pipeline, its checkpoints) reads exactly as before they existed."""
+        d = super().to_dict()
+        if self.text_encoder == "joint":
+            del d["text_encoder"], d["clip"]
+        return d
 
     def digest(self) -> str:
         """A short hash of the config and the training code's version: names the cached pipeline."""
@@ -106,6 +133,12 @@ class TextToImage(nn.Module):
         self.schedule, self.image_shape, self.latent_shape = schedule, tuple(image_shape), latent
         self.config = config
         self._fingerprint: str | None = None  # the VAE hash recorded in a checkpoint (set by from_config)
+        self._text_fingerprint: str | None = None  # the frozen text tower's hash (text_encoder="clip")
+
+    @property
+    def frozen_text(self) -> bool:
+        """Whether the text encoder is a frozen CLIP text tower (``config.text_encoder == "clip"``)."""
+        return self.config is not None and self.config.text_encoder == "clip"
 
     @property
     def device(self) -> torch.device:
@@ -161,13 +194,16 @@ class TextToImage(nn.Module):
     # ------------------------------------------------------------------ checkpoint kind "text2img"
     def to_config(self) -> dict[str, Any]:
         """Everything but the weights: rebuilds this pipeline with :meth:`from_config` (JSON values only)."""
-        return {
+        c = {
             "format_version": FORMAT_VERSION, "image_shape": list(self.image_shape),
             "latent_shape": list(self.latent_shape), "vae_fingerprint": self._fingerprint or self.vae.fingerprint(),
             "tokenizer": self.tokenizer.to_config(), "text_encoder": self.text_encoder.config.to_dict(),
             "unet": self.unet.config.to_dict(), "vae": self.vae.config.to_dict(),
             "schedule": self.schedule.to_config(), "config": self.config.to_dict() if self.config else None,
         }
+        if self.frozen_text:
+            c["text_fingerprint"] = self._text_fingerprint or fingerprint(self.text_encoder)
+        return c
 
     @classmethod
     def from_config(cls, c: dict[str, Any]) -> TextToImage:
@@ -184,6 +220,9 @@ class TextToImage(nn.Module):
             raise ValueError(f"the VAE makes latents {vae.latent_shape(pipe.image_shape)} but the UNet was trained on "
                              f"{tuple(c['latent_shape'])}")
         pipe._fingerprint = c["vae_fingerprint"]
+        if c.get("text_fingerprint"):                         # a frozen CLIP text tower: no gradient, ever
+            pipe.text_encoder.requires_grad_(False)
+            pipe._text_fingerprint = c["text_fingerprint"]
         return pipe
 
     def verify_weights(self) -> None:
@@ -192,6 +231,9 @@ class TextToImage(nn.Module):
             raise ValueError(f"the VAE is not the one the UNet was trained with (weights hash "
                              f"{self.vae.fingerprint()} != recorded {self._fingerprint}); its latents mean "
                              f"something else to the UNet — retrain the UNet or restore that VAE")
+        if self._text_fingerprint is not None and fingerprint(self.text_encoder) != self._text_fingerprint:
+            raise ValueError(f"the text encoder is not the frozen CLIP text tower the UNet was trained with (weights "
+                             f"hash {fingerprint(self.text_encoder)} != recorded {self._text_fingerprint})")
 
     def save(self, directory: str | Path, *, step: int = 0) -> Path:
         """Write ``directory`` as a checkpoint run directory (kind "text2img"), atomically; returns the step dir."""
@@ -278,23 +320,42 @@ class Text2ImgObjective(Objective):
 
 # ---------------------------------------------------------------------- training and the recipe
 def text2img_trainer(data, config: Text2ImgConfig = Text2ImgConfig(), *, device: str | torch.device = "cpu",
-                     out_dir: str | Path | None = None, progress: bool = False):
+                     out_dir: str | Path | None = None, progress: bool = False, clip: TinyCLIP | None = None):
     """Train the VAE (its own short Trainer run), freeze it, and return the Trainer of the second stage:
-    UNet + text encoder inside a :class:`TextToImage`, objective :class:`Text2ImgObjective`."""
+    UNet + text encoder inside a :class:`TextToImage`, objective :class:`Text2ImgObjective`.
+
+    With ``config.text_encoder == "clip"`` the text encoder is ``clip``'s text tower, frozen (``clip``
+    defaults to :func:`tinyddpm.clip.train_clip` on ``data`` with ``config.clip``; a given one's
+    config is recorded as ``config.clip``)."""
     from .training.objectives import train_vae
     from .training.trainer import Trainer
 
     if getattr(data, "labels", None) is None or not getattr(data, "is_image", False):
         raise ValueError("train_text2img needs an image Dataset with digit labels (e.g. load_dataset('digits'))")
     device = torch.device(device)
-    tokenizer = Tokenizer.for_digits(config.text.max_length)
-    config = config.replace(text=config.text.replace(vocab_size=len(tokenizer)))
+    if clip is not None and config.text_encoder != "clip":
+        raise ValueError("a clip was given but config.text_encoder is 'joint': set text_encoder='clip'")
+    if config.text_encoder == "clip":
+        if clip is None:
+            from .clip import train_clip
+
+            clip = train_clip(data, config.clip, device=device)
+        config = config.replace(clip=clip.config, text=clip.config.text)
+        tokenizer, text = clip.tokenizer, frozen_text_encoder(clip)
+    else:
+        tokenizer = Tokenizer.for_digits(config.text.max_length)
+        config = config.replace(text=config.text.replace(vocab_size=len(tokenizer)))
     vae = train_vae(data, config=config.vae, steps=config.vae_steps, seed=config.seed, device=device)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed + 1)
-        text, unet = TextEncoder(config.text), CrossAttnUNet(config.unet)
+        if config.text_encoder == "clip":
+            unet = CrossAttnUNet(config.unet)
+        else:
+            text, unet = TextEncoder(config.text), CrossAttnUNet(config.unet)
     schedule = config.diffusion.build()
     pipe = TextToImage(tokenizer, text, unet, vae, schedule, tuple(data.x.shape[1:]), config)
+    if config.text_encoder == "clip":
+        pipe._text_fingerprint = fingerprint(text)
     objective = Text2ImgObjective(schedule, config.diffusion.prediction, caption_dropout=config.caption_dropout,
                                   attribute_prob=config.attribute_prob)
     return Trainer(pipe, schedule, data, config.train_config(device.type, progress), out_dir, config.diffusion,
@@ -302,8 +363,10 @@ def text2img_trainer(data, config: Text2ImgConfig = Text2ImgConfig(), *, device:
 
 
 def train_text2img(data, config: Text2ImgConfig = Text2ImgConfig(), *, device: str | torch.device = "cpu",
-                   log: list | None = None, out_dir: str | Path | None = None, progress: bool = False) -> TextToImage:
-    """Train the VAE, freeze it, then the UNet + text encoder jointly on captioned latents (one Trainer each).
+                   log: list | None = None, out_dir: str | Path | None = None, progress: bool = False,
+                   clip: TinyCLIP | None = None) -> TextToImage:
+    """Train the VAE, freeze it, then the UNet + text encoder jointly on captioned latents (one Trainer each);
+    with ``config.text_encoder == "clip"``, the UNet alone, reading ``clip``'s frozen text tower.
 
     ``data``: an image Dataset with digit labels in 0..9 (captions are written from them and from
     the measured attributes). Deterministic per ``config.seed`` on a given device. ``log`` receives
@@ -311,7 +374,7 @@ def train_text2img(data, config: Text2ImgConfig = Text2ImgConfig(), *, device: s
     kind "text2img" there; ``Trainer.resume(out_dir, data).train()`` continues an interrupted run.
     Returns the pipeline with the EMA weights, in eval mode.
     """
-    trainer = text2img_trainer(data, config, device=device, out_dir=out_dir, progress=progress)
+    trainer = text2img_trainer(data, config, device=device, out_dir=out_dir, progress=progress, clip=clip)
     history = trainer.train()
     if log is not None:
         log.extend((r["step"] - 1, r["loss"]) for r in history if (r["step"] - 1) % 100 == 0)
@@ -322,7 +385,8 @@ def load_or_train_text2img(config: Text2ImgConfig = Text2ImgConfig(), *, cache: 
                            device: str | torch.device = "cpu") -> TextToImage:
     """The digits text-to-image pipeline for ``config``: loaded from the cache, or trained (CPU:
     a few minutes) on ``load_dataset("digits", split="train")`` into a temporary directory that is
-    renamed into place when complete (:func:`tinyddpm.atomic.write_dir_atomic`)."""
+    renamed into place when complete (:func:`tinyddpm.atomic.write_dir_atomic`). With
+    ``text_encoder="clip"`` the CLIP comes from :func:`tinyddpm.clip.load_or_train_clip` (same cache)."""
     from .atomic import write_dir_atomic
     from .data.datasets import load_dataset
     from .training.checkpoint import list_checkpoints
@@ -331,7 +395,12 @@ def load_or_train_text2img(config: Text2ImgConfig = Text2ImgConfig(), *, cache: 
     directory = root / f"text2img-digits-{config.digest()}"
     if not list_checkpoints(directory):
         data = load_dataset("digits", split="train")
-        write_dir_atomic(directory, lambda tmp: train_text2img(data, config, device=device, out_dir=tmp))
+        clip = None
+        if config.text_encoder == "clip":
+            from .clip import load_or_train_clip
+
+            clip = load_or_train_clip(config.clip, cache=cache, device=device)
+        write_dir_atomic(directory, lambda tmp: train_text2img(data, config, device=device, out_dir=tmp, clip=clip))
     return TextToImage.load(directory, device)
 
 

@@ -95,6 +95,7 @@ def save_checkpoint(
 def _extra_kinds() -> dict[str, tuple[type, Callable[[dict], nn.Module], Callable[[nn.Module], dict]]]:
     """Kinds beyond the denoiser presets: kind -> (class, build from config, config of a model)."""
     from ..metrics import DigitsClassifier
+    from ..nets.clip import TinyCLIP
     from ..nets.vae import VAE, VAEConfig
     from ..text2img import TextToImage
 
@@ -102,6 +103,7 @@ def _extra_kinds() -> dict[str, tuple[type, Callable[[dict], nn.Module], Callabl
         "vae": (VAE, lambda c: VAE(VAEConfig.from_dict(c)), lambda m: m.config.to_dict()),
         "text2img": (TextToImage, TextToImage.from_config, lambda m: m.to_config()),
         "digits-classifier": (DigitsClassifier, lambda c: DigitsClassifier(**c), lambda m: m.to_config()),
+        "clip": (TinyCLIP, TinyCLIP.from_config, lambda m: m.to_config()),
     }
 
 

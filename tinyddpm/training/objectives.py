@@ -299,6 +299,10 @@ def objective_from_dict(d: dict[str, Any], model: nn.Module, schedule: NoiseSche
         from .continuous import EDMObjective
 
         return EDMObjective(schedule, sigma_data=d["sigma_data"], p_mean=d["p_mean"], p_std=d["p_std"])
+    if name == "contrastive":
+        from ..clip import ContrastiveObjective
+
+        return ContrastiveObjective(attribute_prob=d["attribute_prob"], positives=d["positives"])
     if name == "text2img":
         from ..text2img import Text2ImgObjective
 
