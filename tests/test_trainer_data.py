@@ -102,7 +102,7 @@ def test_an_objective_that_reads_by_index_refuses_streaming(folder):
                    objective=Text2ImgObjective(td.NoiseSchedule.cosine(50)))
 
 
-@pytest.mark.parametrize("objective, default", [("flow", "heun"), ("edm", "heun")])
+@pytest.mark.parametrize("objective, default", [("flow", "euler"), ("edm", "ddim, eta 1")])
 def test_cli_trains_and_samples_each_objective(objective, default, tmp_path, capsys):
     out = tmp_path / objective
     assert main(["train", "--data", "moons", "--objective", objective, "--out", str(out), "--steps", "40",

@@ -59,9 +59,9 @@ class Recipe:
 # Sized for ~3 CPU-minutes of training (one thread): a 0.18 M-parameter UNet (16 base channels, no attention
 # at 8×8), 2,000 steps of 64 digits at lr 4e-3, ε-prediction with min-SNR-5 weighting (one step costs 60-100
 # CPU-ms on the 2-core CI machine, which varies that much). Measured with benchmarks/digits_recipe.py (1,000
-# DDIM-50 samples; real test digits: 92.3 % confident, FD floor 2.13): unconditional η = 0 75 % confident,
-# FD 6.6, η = 1 84 %; conditional (w = 1) η = 0 86 %, η = 1 93 %. Many small steps beat a bigger model at
-# this budget; the sweep behind this choice is in benchmarks/README.md.
+# DDIM-50 samples, the current digits classifier: real test digits 93.9 % confident, FD floor 2.83):
+# η = 0 76 % confident, FD 8.9; η = 1 (the CLI's default) 85 %, FD 5.9. v-prediction, flow matching and EDM
+# at the same budget reach 85-86 % at best (benchmarks/README.md has the equal-budget table).
 _DIGITS_TRAIN = TrainConfig(
     steps=2000, batch_size=64, lr=4e-3, warmup_steps=100, lr_schedule="cosine", grad_clip=1.0, ema_decay=0.995,
     weighting="min_snr", seed=0, device="cpu", log_every=100, progress=False, keep_last=1,

@@ -9,9 +9,9 @@ The objective decides which samplers fit (:data:`DEFAULT_SAMPLERS`):
 
 - ``"diffusion"`` (ε, x_0 or v network): every VP sampler of :data:`tinyddpm.SAMPLERS`; DDIM by default;
 - ``"edm"`` (EDM-preconditioned network, eq. eq-edm-precond): wrapped as an ε-model, so every VP
-  sampler works; EDM's Heun by default (Karras et al. 2022);
+  sampler works (EDM's own Heun included); DDIM by default;
 - ``"flow"`` (a velocity network, eq. eq-flow-target): the ODE solvers of :func:`tinyddpm.flow_sample`,
-  ``"euler"`` or ``"heun"`` (default).
+  ``"euler"`` (default) or ``"heun"``.
 
 Default steps give about 50 network calls: 50 steps, or 25 for the two-call Heun steps.
 """
@@ -31,7 +31,11 @@ from .guidance import DEFAULT_LABEL_GUIDANCE, guided_model
 from .registry import SAMPLERS, sample
 
 #: the sampler ``tinyddpm sample`` uses when none is given, per training objective
-DEFAULT_SAMPLERS: dict[str, str] = {"diffusion": "ddim", "edm": "heun", "flow": "heun"}
+# Measured on digits at 50 network calls with every objective (benchmarks/README.md, "digits_recipe.py"): the
+# second-order ODE solvers (EDM's Heun, flow Heun) do not beat DDIM / flow Euler there, and DDIM with η = 1
+# (what the command line uses by default, :data:`CLI_DDIM_ETA`) is 4-8 points more confident than any ODE solver.
+DEFAULT_SAMPLERS: dict[str, str] = {"diffusion": "ddim", "edm": "ddim", "flow": "euler"}
+CLI_DDIM_ETA = 1.0
 OBJECTIVES: tuple[str, ...] = tuple(DEFAULT_SAMPLERS)
 
 
