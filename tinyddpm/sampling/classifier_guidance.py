@@ -47,7 +47,7 @@ def _sqrt_one_minus_alpha_bar(s: NoiseSchedule, t: Tensor, x: Tensor, tables: di
 def classifier_guidance(
     model: Callable[..., Tensor], s: NoiseSchedule, grad_fn: GradFn, scale: float,
 ) -> Callable[..., Tensor]:
-    """An ε-model ``fn(x_t, t, **cond)`` = ε_θ(x_t, t, **cond) - scale · √(1-ᾱ_t) · grad_fn(x_t, t).
+    """An ε-model ``fn(x_t, t, **cond) = ε_θ(x_t, t, **cond) - scale · √(1-ᾱ_t) · grad_fn(x_t, t)``.
 
     ``grad_fn(x_t, t)`` returns ∇_{x_t} log p(y | x_t) shaped like x_t (the label is bound inside it):
     the exact one from :meth:`tinyddpm.ClassMixture.class_log_prob_grad`, or a noisy-image
@@ -55,7 +55,8 @@ def classifier_guidance(
     ``no_grad``. ``t`` is whatever the sampler passes: a (B,) LongTensor, or fractional steps as a
     float tensor (ᾱ(t) from :meth:`NoiseSchedule.alpha_bar_at`), so the result works with every
     sampler of :func:`tinyddpm.sample`. ``scale`` = 0 is the model itself; 1 with the exact
-    gradient is the exact conditional ε. ``model`` must predict ε.
+    gradient is the exact conditional ε. ``model`` must predict ε. With a trained classifier, sample
+    with ``clip_x0=True``: near t = T its gradient is far larger than the exact one (chapter 14).
     """
     check_model(model)
     if not callable(grad_fn):
