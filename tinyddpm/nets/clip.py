@@ -46,6 +46,7 @@ from torch import Tensor, nn
 
 from ..checks import check_choice, check_int, check_nonneg_float
 from ..config_base import Config
+from ..fingerprint import fingerprint  # noqa: F401  (re-exported: the text tower's hash)
 from .text import (
     DIGIT_WORDS,
     EOS,
@@ -234,16 +235,6 @@ def clip_score(clip: TinyCLIP, images: Tensor, prompts: str | Sequence[str]) -> 
 
 
 # ---------------------------------------------------------------------- the frozen text tower
-def fingerprint(module: nn.Module) -> str:
-    """SHA-256 of a module's weights (names, shapes, bytes), 16 hex digits."""
-    h = hashlib.sha256()
-    for name, t in sorted(module.state_dict().items()):
-        h.update(name.encode())
-        h.update(str(tuple(t.shape)).encode())
-        h.update(t.detach().cpu().contiguous().float().numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
 def frozen_text_encoder(clip: TinyCLIP) -> TextEncoder:
     """A copy of ``clip``'s text tower with gradients off: token features (B, K, E) for cross-attention."""
     text = TextEncoder(clip.config.text)

@@ -16,7 +16,6 @@ the diffusion sees unit-variance inputs (LDM Sec. 4 and App. G: 0.18215 for SD's
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import asdict, dataclass
 
 import torch
@@ -135,12 +134,9 @@ class VAE(nn.Module):
 
     def fingerprint(self) -> str:
         """SHA-256 of the weights (names, shapes, bytes): a pipeline records it to refuse a foreign VAE."""
-        h = hashlib.sha256()
-        for name, t in sorted(self.state_dict().items()):
-            h.update(name.encode())
-            h.update(str(tuple(t.shape)).encode())
-            h.update(t.detach().cpu().contiguous().float().numpy().tobytes())
-        return h.hexdigest()[:16]
+        from ..fingerprint import fingerprint
+
+        return fingerprint(self)
 
     def to_config(self) -> dict:
         return asdict(self.config)

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from ..checks import check_int, check_nonneg_float
 from ..diffusion.schedule import NoiseSchedule
 from ..nets.embeddings import TimeEmbedding
-from .objectives import Batch, Objective, data_info
+from .objectives import Batch, Objective, data_info, required_labels
 
 GradFn = Callable[[Tensor, Tensor], Tensor]
 
@@ -116,10 +116,7 @@ class NoisyClassificationObjective(Objective):
 
     def bind(self, trainer: Any) -> None:
         super().bind(trainer)
-        labels = getattr(trainer.data, "labels", None)
-        if labels is None:
-            raise ValueError("a classification objective needs a Dataset with labels")
-        self.labels = labels.long().to(self.device)
+        self.labels = required_labels(trainer)
 
     def draw(self, B: int, batch_gen: torch.Generator, noise_gen: torch.Generator) -> Batch:
         return {"idx": torch.randint(self.n, (B,), generator=batch_gen),

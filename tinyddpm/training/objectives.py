@@ -209,6 +209,14 @@ class ELBOObjective(Objective):
         return (rec + self.beta * kl_standard_normal(mean.float(), logvar.float())).mean()
 
 
+def required_labels(trainer: Trainer) -> Tensor:
+    """The data's labels as int64 on the training device; a clear error when the data has none."""
+    labels = getattr(trainer.data, "labels", None)
+    if labels is None:
+        raise ValueError("a classification objective needs a Dataset with labels")
+    return labels.long().to(trainer.device)
+
+
 class ClassificationObjective(Objective):
     """Cross-entropy on labelled data, each batch shifted by up to ``shift`` pixels (zero = ``pad_value``),
     plus ``outlier_weight`` × the cross-entropy from the uniform distribution on ``outliers(n, generator)``
@@ -228,10 +236,7 @@ class ClassificationObjective(Objective):
 
     def bind(self, trainer: Trainer) -> None:
         super().bind(trainer)
-        labels = getattr(trainer.data, "labels", None)
-        if labels is None:
-            raise ValueError("a classification objective needs a Dataset with labels")
-        self.labels = labels.long().to(self.device)
+        self.labels = required_labels(trainer)
 
     def draw(self, B: int, batch_gen: torch.Generator, noise_gen: torch.Generator) -> Batch:
         out = {"idx": torch.randint(self.n, (B,), generator=batch_gen),
