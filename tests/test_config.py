@@ -109,7 +109,7 @@ def test_every_config_shares_one_style():
     """One base: JSON round-trip (nested configs rebuilt), unknown keys named, validated replace."""
     nested = Text2ImgConfig(vae=VAEConfig(channels=8), text=TextEncoderConfig(vocab_size=0, dim=16, heads=2),
                             unet=CrossAttnUNetConfig(channels=8, context_dim=16, heads=2, groups=4),
-                            diffusion=DiffusionConfig("cosine", 50))
+                            diffusion=DiffusionConfig("cosine", 50), text_encoder="joint")
     for cfg in (VAEConfig(beta=0.1), TextEncoderConfig(vocab_size=30), CrossAttnUNetConfig(channels=8), nested):
         assert isinstance(cfg, Config)
         back = type(cfg).from_dict(json.loads(json.dumps(cfg.to_dict())))

@@ -252,7 +252,7 @@ def test_train_text2img_runs_and_is_deterministic():
     small = Dataset(d.x[:40], d.labels[:40], 10, "digits")
     cfg = Text2ImgConfig(
         vae=VAEConfig(channels=8), vae_steps=2, steps=2, batch_size=4,
-        text=TextEncoderConfig(vocab_size=0, dim=16, depth=1, heads=2),
+        text=TextEncoderConfig(vocab_size=0, dim=16, depth=1, heads=2), text_encoder="joint",
         unet=CrossAttnUNetConfig(channels=8, context_dim=16, heads=2, groups=4),
     )
     a, b = train_text2img(small, cfg), train_text2img(small, cfg)
@@ -261,6 +261,8 @@ def test_train_text2img_runs_and_is_deterministic():
     assert a.config.text.vocab_size == len(a.tokenizer)
     with pytest.raises(ValueError, match="unet.context_dim"):
         Text2ImgConfig(unet=CrossAttnUNetConfig(context_dim=32))
+    with pytest.raises(ValueError, match="unet.context_dim"):
+        Text2ImgConfig(text_encoder="joint", unet=CrossAttnUNetConfig(context_dim=32))
     with pytest.raises(ValueError, match="digit labels"):
         train_text2img(Dataset(d.x[:4]), cfg)
     assert Text2ImgConfig.from_dict(cfg.to_dict()) == cfg
@@ -277,7 +279,7 @@ def test_train_text2img_resumes_bit_exactly(tmp_path):
     small = Dataset(d.x[:40], d.labels[:40], 10, "digits")
     cfg = Text2ImgConfig(
         vae=VAEConfig(channels=8), vae_steps=2, steps=4, batch_size=4, ema_decay=0.5,
-        text=TextEncoderConfig(vocab_size=0, dim=16, depth=1, heads=2),
+        text=TextEncoderConfig(vocab_size=0, dim=16, depth=1, heads=2), text_encoder="joint",
         unet=CrossAttnUNetConfig(channels=8, context_dim=16, heads=2, groups=4),
     )
     straight = train_text2img(small, cfg, out_dir=tmp_path / "a")
@@ -294,3 +296,13 @@ def test_train_text2img_resumes_bit_exactly(tmp_path):
     from tinyddpm.text2img import is_text2img_checkpoint
 
     assert is_text2img_checkpoint(tmp_path / "b") and not is_text2img_checkpoint(tmp_path / "nowhere")
+
+    # a jointly trained pipeline's config.json has no "text_encoder" key (as every checkpoint written
+    # before the frozen CLIP became the default): it loads as "joint", its text encoder trainable
+    import json
+
+    from tinyddpm.training.checkpoint import resolve_checkpoint
+
+    saved = json.loads((resolve_checkpoint(tmp_path / "b") / "config.json").read_text())
+    assert "text_encoder" not in saved["model"]["config"]["config"]
+    assert loaded.config.text_encoder == "joint" and not loaded.frozen_text and loaded.config == straight.config

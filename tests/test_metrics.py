@@ -171,6 +171,39 @@ def test_digits_metrics_noise_and_blur_are_far_from_the_floor(clf):
     assert blurred["fd"] > 10 * blurred["fd_floor"]
 
 
+def _fd_scipy(a: torch.Tensor, b: torch.Tensor) -> float:
+    """FID's formula with scipy's general matrix square root: an independent computation."""
+    a, b = a.double().numpy(), b.double().numpy()
+    ca, cb = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    root = scipy.linalg.sqrtm(ca @ cb).real
+    return float(((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(ca) + np.trace(cb) - 2 * np.trace(root))
+
+
+def test_digits_metrics_against_another_reference(clf):
+    """``reference=``: fd is samples vs the reference, fd_floor the held-out test digits vs it. Edits
+    that start from test digits look better against the test digits than against an unseen set."""
+    test, train = load_dataset("digits", split="test"), load_dataset("digits", split="train")
+    g = torch.Generator().manual_seed(0)
+    edits = (test.x + 0.05 * torch.randn(test.x.shape, generator=g)).clamp(-1, 1)  # test digits, perturbed
+    ref = train.x[:600]
+    m = digits_metrics(edits, classifier=clf, reference=ref)
+    with torch.no_grad():
+        f_e, f_ref, f_test = clf.features(edits), clf.features(ref), clf.features(test.x)
+    assert m["fd"] == pytest.approx(_fd_scipy(f_e, f_ref), rel=1e-4)
+    assert m["fd_floor"] == pytest.approx(_fd_scipy(f_test, f_ref), rel=1e-4)
+    biased = digits_metrics(edits, classifier=clf)
+    assert biased["fd"] == pytest.approx(_fd_scipy(f_e, f_test), rel=1e-4)
+    # against their own source the edits beat real digits by far (biased low); against the unseen
+    # reference they sit near its real floor
+    assert biased["fd"] < 0.5 * biased["fd_floor"] and 0.5 * m["fd_floor"] < m["fd"] < 2 * m["fd_floor"]
+    with pytest.raises(ValueError, match="contains held-out test digits"):
+        digits_metrics(edits, classifier=clf, reference=torch.cat([ref, test.x[5:6]]))
+    with pytest.raises(ValueError, match=r"reference must be finite digits of shape \(M, 1, 8, 8\)"):
+        digits_metrics(edits, classifier=clf, reference=ref[:, :, :4])
+    with pytest.raises(ValueError, match="reference must be finite"):
+        digits_metrics(edits, classifier=clf, reference=torch.full((4, 1, 8, 8), math.nan))
+
+
 def test_digits_metrics_validation(clf):
     with pytest.raises(ValueError, match=r"\(N, 1, 8, 8\)"):
         digits_metrics(torch.zeros(4, 1, 28, 28), classifier=clf)

@@ -141,6 +141,25 @@ def test_objective_draws_and_loss():
     assert obj.to_dict() == {"name": "noisy_classification", "T": 1000}
 
 
+def test_checkpoint_round_trip_and_resume(tmp_path):
+    """Kind "noisy-classifier": a run directory loads through load_checkpoint with the same logits and
+    guidance gradient, and Trainer.resume rebuilds it (the objective passed: it holds a schedule)."""
+    data = td.load_dataset("digits", split="train")
+    small = td.Dataset(data.x[:64], data.labels[:64], num_classes=10)
+    kw = dict(steps=4, seed=0, batch_size=16, width=4, hidden=8)
+    clf = train_noisy_classifier(small, COSINE, out_dir=tmp_path / "a", **kw)
+    ck = td.load_checkpoint(tmp_path / "a")
+    assert ck.model_kind == "noisy-classifier" and isinstance(ck.model, NoisyClassifier) and ck.step == 4
+    assert ck.model.to_config() == clf.to_config()
+    x, t = torch.randn(8, 1, 8, 8, generator=gen(40)), torch.tensor([1, 10, 100, 200, 400, 600, 800, 1000])
+    assert torch.equal(ck.model(x, t), clf(x, t))
+    torch.testing.assert_close(classifier_grad_fn(ck.model, 3)(x, t), classifier_grad_fn(clf, 3)(x, t))
+    trainer = td.Trainer.resume(tmp_path / "a", small, objective=NoisyClassificationObjective(COSINE))
+    assert trainer.step == 4 and isinstance(trainer.model, NoisyClassifier)
+    for k, v in clf.state_dict().items():
+        assert torch.equal(trainer.ema_model.state_dict()[k], v), k
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_on_cuda_matches_cpu():

@@ -219,3 +219,38 @@ def test_ema_follows_eq_ema():
     assert late.current_decay() == 0.0  # before `start`: copy
     with pytest.raises(ValueError, match=r"decay must lie in \[0, 1\)"):
         EMA(lin, decay=1.0)
+
+
+def test_few_images_warning_only_for_generative_objectives():
+    """Under 500 images a *generative* model memorises its data: the Trainer warns for the diffusion,
+    flow and EDM objectives, not for a classifier, the noise-aware classifier, CLIP or the VAE."""
+    import warnings
+
+    from tinyddpm.clip import ContrastiveObjective
+    from tinyddpm.metrics import DigitsClassifier
+    from tinyddpm.nets.clip import CLIPConfig, TinyCLIP
+    from tinyddpm.nets.text import TextEncoderConfig
+    from tinyddpm.nets.vae import VAE, VAEConfig
+    from tinyddpm.training.continuous import EDMObjective, FlowMatchingObjective
+    from tinyddpm.training.noisy_classifier import NoisyClassificationObjective, NoisyClassifier
+
+    d = load_dataset("digits", split="train")
+    small = Dataset(d.x[:40], d.labels[:40], 10, "digits")
+    s = DIFF.build()
+    unet = lambda: build_model("unet", dict(in_channels=1, base_channels=8, channel_mults=(1,),  # noqa: E731
+                                            attention_levels=(), groups=4))
+    clip_cfg = CLIPConfig(width=4, embed_dim=8, text=TextEncoderConfig(0, dim=16, depth=1, heads=2))
+
+    def warns(model, objective) -> bool:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            Trainer(model, s, small, cfg(steps=1, batch_size=8, label_dropout=0.0), objective=objective)
+        return any("the dataset has only 40 images" in str(w.message) for w in caught)
+
+    assert warns(unet(), td.DiffusionObjective(s))
+    assert warns(unet(), FlowMatchingObjective())
+    assert warns(unet(), EDMObjective(s))
+    assert not warns(NoisyClassifier(width=4, hidden=8), NoisyClassificationObjective(s))
+    assert not warns(DigitsClassifier(), td.ClassificationObjective())
+    assert not warns(TinyCLIP(clip_cfg), ContrastiveObjective())
+    assert not warns(VAE(VAEConfig(channels=8)), td.ELBOObjective())

@@ -8,7 +8,6 @@ and :meth:`tinyddpm.Trainer.resume` rebuild them.
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,7 +26,8 @@ DEFAULT_CLIP = CLIPConfig()   # the configuration chapter 9 and the tests use (f
 
 
 class ContrastiveObjective(Objective):
-    """Symmetric InfoNCE (:func:`clip_loss`) of a :class:`TinyCLIP` on digits and fresh random captions.
+    """Symmetric InfoNCE, eq. (eq-infonce) (:func:`clip_loss`), of a :class:`TinyCLIP` on digits and fresh
+    random captions.
 
     Per step, from the CPU generator: indices, then one caption per image (:func:`random_captions` with
     the digit's label and measured attributes, no empty captions). The positives of a batch (see the
@@ -100,9 +100,7 @@ def clip_trainer(data, config: CLIPConfig = DEFAULT_CLIP, *, device: str | torch
                         ema_decay=config.ema_decay, seed=config.seed, device=device.type, precision="fp32",
                         label_dropout=0.0, log_every=100, progress=progress, keep_last=1)
     objective = ContrastiveObjective(attribute_prob=config.attribute_prob, positives=config.positives)
-    with warnings.catch_warnings():   # the "few images for a diffusion model" warning does not apply here
-        warnings.filterwarnings("ignore", message="the dataset has only")
-        return Trainer(model, None, data, train, out_dir, objective=objective, resume=resume)
+    return Trainer(model, None, data, train, out_dir, objective=objective, resume=resume)
 
 
 def train_clip(data, config: CLIPConfig = DEFAULT_CLIP, *, device: str | torch.device = "cpu",

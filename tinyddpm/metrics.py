@@ -237,11 +237,15 @@ def _check_points(x: Tensor, name: str, d: int | None = None) -> Tensor:
 
 
 def digits_metrics(samples: Tensor, labels: Tensor | None = None, *, classifier: DigitsClassifier | None = None,
-                   confidence: float = 0.9, seed: int = 0) -> dict:
+                   confidence: float = 0.9, seed: int = 0, reference: Tensor | None = None) -> dict:
     """Quality of generated digits (N, 1, 8, 8) in [-1, 1] (clipped to it), each beside its real floor.
 
     - ``fd``: Fréchet distance of classifier features, samples vs the 297 held-out test digits;
       ``fd_floor``: the same for min(N, 1500) real train digits (drawn with ``seed``) vs the test digits.
+      With ``reference`` (M, 1, 8, 8) images, M ≥ 2: ``fd`` is samples vs ``reference`` and ``fd_floor``
+      the held-out test digits vs ``reference``. For edits *of test digits*, FD against the test
+      digits is biased low (the edits start from them): pass e.g. the training digits. A reference
+      that contains a test digit is refused (its floor would be biased low the same way).
     - ``confident``: fraction of samples whose top class probability is ≥ ``confidence``;
       ``confident_floor``: the same on the test digits.
     - with ``labels`` (the classes asked for): ``class_accuracy`` and ``per_class_accuracy`` (10 values,
@@ -259,18 +263,31 @@ def digits_metrics(samples: Tensor, labels: Tensor | None = None, *, classifier:
     if labels is not None and (not isinstance(labels, Tensor) or labels.shape != (samples.shape[0],)
                                or labels.is_floating_point() or int(labels.min()) < 0 or int(labels.max()) > 9):
         raise ValueError(f"labels must be an integer tensor (N,) = ({samples.shape[0]},) with values 0..9")
-    clf = digits_classifier() if classifier is None else classifier
     test, train = load_dataset("digits", split="test"), load_dataset("digits", split="train")
+    if reference is not None:
+        if not isinstance(reference, Tensor) or reference.ndim != 4 or tuple(reference.shape[1:]) != (1, 8, 8) \
+                or reference.shape[0] < 2 or not torch.isfinite(reference).all():
+            got = tuple(reference.shape) if isinstance(reference, Tensor) else type(reference).__name__
+            raise ValueError(f"reference must be finite digits of shape (M, 1, 8, 8) with M >= 2; got {got}")
+        r, t = reference.detach().float().cpu().flatten(1), test.x.float().flatten(1)
+        if any(bool((t == row).all(1).any()) for row in r):
+            raise ValueError("reference contains held-out test digits, against which fd_floor is measured; "
+                             "pass images disjoint from the test split (e.g. the training digits)")
+    clf = digits_classifier() if classifier is None else classifier
     x = samples.detach().float().clamp(-1, 1)
     n = x.shape[0]
-    ref = train.x[torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[: min(n, len(train))]]
+    if reference is None:        # reference: the test digits; real floor set: min(N, 1500) train digits
+        perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))
+        ref, real = test.x, train.x[perm[: min(n, len(train))]]
+    else:                        # reference: the given images; real floor set: the test digits
+        ref, real = reference.detach().float().clamp(-1, 1), test.x
     with torch.no_grad():
-        f_x, f_test, f_ref = clf.features(x).cpu(), clf.features(test.x).cpu(), clf.features(ref).cpu()
+        f_x, f_ref, f_real = clf.features(x).cpu(), clf.features(ref).cpu(), clf.features(real).cpu()
     p_x, p_test = clf.predict_proba(x).cpu(), clf.predict_proba(test.x).cpu()
     out = {
         "n": n,
-        "fd": frechet_distance(f_x, f_test),
-        "fd_floor": frechet_distance(f_ref, f_test),
+        "fd": frechet_distance(f_x, f_ref),
+        "fd_floor": frechet_distance(f_real, f_ref),
         "confident": float((p_x.max(1).values >= confidence).double().mean()),
         "confident_floor": float((p_test.max(1).values >= confidence).double().mean()),
     }

@@ -2,18 +2,19 @@
 
 The three parts of Rombach et al. 2022 (LDM), at digit scale:
 
-- text encoder (:class:`tinyddpm.text.TextEncoder`): prompt → context [B, K, E] (K = 8, E = 64);
+- text encoder (a :class:`tinyddpm.TextEncoder`): prompt → context [B, K, E] (K = 8, E = 64);
 - autoencoder (:class:`tinyddpm.vae.VAE`): image [B, 1, 8, 8] ↔ latent [B, 2, 4, 4];
 - :class:`CrossAttnUNet`: ResBlocks read the timestep embedding, SpatialTransformers read the context.
 
-Training (:func:`train_text2img`): the VAE first, then it is frozen and the UNet and text encoder
-are trained *jointly* on L_simple (eq-loss-simple) over scaled latents, with 10 % of captions
-replaced by the empty prompt — both through the one :class:`tinyddpm.training.trainer.Trainer`
-(objectives :class:`~tinyddpm.training.objectives.ELBOObjective` and :class:`Text2ImgObjective`).
-With ``Text2ImgConfig(text_encoder="clip")`` the text encoder is instead the text tower of a
-contrastively pre-trained :class:`tinyddpm.nets.clip.TinyCLIP`, frozen, as in Stable Diffusion: its
-token features (B, K, E) are the context, and only the UNet learns; the tower's weights are stored
-in the pipeline and checked on load against their recorded hash, like the VAE's.
+Training (:func:`train_text2img`), by default (``Text2ImgConfig(text_encoder="clip")``) as Stable
+Diffusion does it: a :class:`tinyddpm.nets.clip.TinyCLIP` is trained contrastively (symmetric
+InfoNCE, eq. eq-infonce) and its text tower frozen; the VAE is trained and frozen; then the UNet
+alone learns L_simple (eq-loss-simple) over scaled latents, cross-attending to the tower's token
+features (B, K, E), with 10 % of captions replaced by the empty prompt — each stage through the one
+:class:`tinyddpm.training.trainer.Trainer` (objectives ``ContrastiveObjective``,
+:class:`~tinyddpm.training.objectives.ELBOObjective` and :class:`Text2ImgObjective`). The tower's
+weights are stored in the pipeline and checked on load against their recorded hash, like the VAE's.
+With ``text_encoder="joint"`` a fresh text encoder is instead trained *jointly* with the UNet.
 The pipeline is saved as an ordinary Trainer checkpoint of model kind "text2img" (weights of all
 three networks in one safetensors file, the tokenizer and configs in config.json), so
 :func:`tinyddpm.load_checkpoint` loads it. Sampling (:meth:`TextToImage.generate`) guides with
@@ -53,9 +54,11 @@ TEXT_ENCODERS: tuple[str, ...] = ("joint", "clip")
 class Text2ImgConfig(Config):
     """Everything :func:`train_text2img` needs; saved with the pipeline.
 
-    ``text_encoder``: "joint" (the default) trains a :class:`TextEncoder` of shape ``text`` with the
-    UNet; "clip" uses the frozen text tower of a :class:`TinyCLIP` trained with ``clip`` (then ``text``
-    is replaced by the tower's config, and ``unet.context_dim`` must equal ``clip.text.dim``).
+    ``text_encoder``: "clip" (the default, as in Stable Diffusion) uses the frozen text tower of a
+    :class:`TinyCLIP` trained contrastively with ``clip`` (then ``text`` is replaced by the tower's
+    config, and ``unet.context_dim`` must equal ``clip.text.dim``); "joint" trains a
+    :class:`TextEncoder` of shape ``text`` with the UNet. A saved config without a ``text_encoder`` key
+    predates the choice and reads as "joint" (:meth:`from_dict`).
     """
 
     vae: VAEConfig = field(default_factory=VAEConfig)
@@ -70,7 +73,7 @@ class Text2ImgConfig(Config):
     caption_dropout: float = 0.1
     attribute_prob: float = 0.5
     seed: int = 0
-    text_encoder: str = "joint"
+    text_encoder: str = "clip"
     clip: CLIPConfig = field(default_factory=CLIPConfig)
 
     def __post_init__(self):
@@ -100,6 +103,14 @@ class Text2ImgConfig(Config):
         if self.text_encoder == "joint":
             del d["text_encoder"], d["clip"]
         return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Text2ImgConfig:
+        """As :meth:`Config.from_dict`; a dict without ``text_encoder`` (written by :meth:`to_dict` for joint
+        training, or before the key existed) is a jointly trained pipeline's."""
+        if isinstance(d, dict) and "text_encoder" not in d:
+            d = {**d, "text_encoder": "joint"}
+        return super().from_dict(d)
 
     def digest(self) -> str:
         """A short hash of the config and the training code's version: names the cached pipeline."""
@@ -152,7 +163,8 @@ class TextToImage(nn.Module):
 
     def guided_denoiser(self, prompts: list[str], guidance: float, negative_prompts: str | list[str] = ""):
         """model(z_t, t) = ε_u + w (ε_c - ε_u), eq. (eq-cfg), with ε_u from the empty prompt — or from a
-        *negative prompt*, so that guidance pushes away from what it describes (e.g. "thick").
+        *negative prompt* n, eq. (eq-negative-prompt), so that guidance pushes away from what n
+        describes (e.g. "thick").
 
         The package's one guidance batcher, :func:`tinyddpm.sampling.guidance.cfg_model`: both halves
         run in one forward pass on the doubled batch [z_t; z_t] (one half only for w = 1 or w = 0).
@@ -171,7 +183,8 @@ class TextToImage(nn.Module):
                  sampler: str = "ddim", generator: torch.Generator | None = None,
                  return_latents: bool = False, negative_prompts: str | list[str] = "") -> Tensor:
         """Images (B, C, H, W) in [-1, 1] for the prompts: sample a latent with ``sampler``, decode it.
-        ``negative_prompts`` replace the empty prompt in the unconditional branch of guidance."""
+        ``negative_prompts`` replace the empty prompt in the unconditional branch of guidance,
+        eq. (eq-negative-prompt)."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompts:
             raise ValueError("pass at least one prompt")
@@ -365,8 +378,9 @@ def text2img_trainer(data, config: Text2ImgConfig = Text2ImgConfig(), *, device:
 def train_text2img(data, config: Text2ImgConfig = Text2ImgConfig(), *, device: str | torch.device = "cpu",
                    log: list | None = None, out_dir: str | Path | None = None, progress: bool = False,
                    clip: TinyCLIP | None = None) -> TextToImage:
-    """Train the VAE, freeze it, then the UNet + text encoder jointly on captioned latents (one Trainer each);
-    with ``config.text_encoder == "clip"``, the UNet alone, reading ``clip``'s frozen text tower.
+    """Train the VAE, freeze it, then the UNet alone on captioned latents, reading ``clip``'s frozen text
+    tower (``config.text_encoder == "clip"``, the default; ``clip`` is trained first when not given), or
+    the UNet and a text encoder jointly (``"joint"``); one Trainer per stage.
 
     ``data``: an image Dataset with digit labels in 0..9 (captions are written from them and from
     the measured attributes). Deterministic per ``config.seed`` on a given device. ``log`` receives

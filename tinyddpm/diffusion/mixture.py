@@ -113,8 +113,8 @@ class GaussianMixture:
             p(x_u | x_k) = Σ_k w'_k N(x_u; μ_k,u, diag σ_k,u²),   w'_k ∝ w_k N(x_k; μ_k,k, diag σ_k,k²):
 
         the same components restricted to the unknown axes, reweighted by how well each explains
-        x_k. One x_known only: a batch of them would give one mixture per row (different w'), so
-        condition row by row. The ground truth for inpainting (:func:`tinyddpm.inpaint`).
+        x_k, eq. (eq-mixture-condition). One x_known only: a batch of them would give one mixture per
+        row (different w'), so condition row by row. The ground truth for inpainting (:func:`tinyddpm.inpaint`).
         """
         if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
             raise TypeError(f"mask must be a bool tensor of shape (D,) = ({self.D},), True where known; "

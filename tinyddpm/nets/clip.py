@@ -5,7 +5,7 @@ L2-normalised, and score every pair of a batch by a cosine similarity times a le
 
     L_ij = s · ⟨f(x_i), g(c_j)⟩,   ‖f(x)‖ = ‖g(c)‖ = 1,   s = exp(min(log_scale, log 100)).
 
-The loss is the *symmetric InfoNCE*: a cross-entropy over each row of the B×B matrix (image i must
+The loss is the *symmetric InfoNCE* (eq-infonce): a cross-entropy over each row of the B×B matrix (image i must
 pick its caption among the B captions) and over each column (caption j must pick its image), averaged.
 
 Ours, at digit scale (:class:`TinyCLIP`):
@@ -28,7 +28,7 @@ if any, is one of i's measured attributes; ``positives="caption"`` counts only i
 With P = I (no collisions) this is exactly CLIP's loss, :func:`clip_loss`.
 
 Frozen and reused: the text tower's token features are the cross-attention context of the latent
-pipeline (``Text2ImgConfig(text_encoder="clip")``), as Stable Diffusion uses CLIP's; the cosine
+pipeline (``Text2ImgConfig(text_encoder="clip")``, the default), as Stable Diffusion uses CLIP's; the cosine
 of the two towers is a prompt-adherence metric, :func:`clip_score`.
 """
 
@@ -183,7 +183,8 @@ class TinyCLIP(nn.Module):
 
 
 def clip_loss(logits: Tensor, positives: Tensor | None = None) -> Tensor:
-    """Symmetric InfoNCE of a (B, B) logit matrix (rows images, columns captions; Radford et al. 2021):
+    """Symmetric InfoNCE, eq. (eq-infonce), of a (B, B) logit matrix (rows images, columns captions;
+    Radford et al. 2021):
 
         L = ½ [ −(1/B) Σ_i Σ_j p_ij log softmax_j(L_i·) − (1/B) Σ_j Σ_i q_ij log softmax_i(L_·j) ],
 

@@ -1,9 +1,10 @@
 """Words → context: a word-level tokenizer, a small transformer text encoder, digit captions (ch. 9).
 
 Stable Diffusion's text encoder (CLIP) maps a prompt to a context [B, K, E] (K = 77 tokens,
-E = 768); ours does the same with K = 8 and E = 64, trained jointly with the denoiser. Captions
-come from the digit's label and from two attributes we measure on the image itself: ink mass
-(stroke thickness) and slant (from the second moments of the ink).
+E = 768); ours does the same with K = 8 and E = 64: the text tower of the tiny CLIP
+(:mod:`tinyddpm.nets.clip`), frozen, or (``Text2ImgConfig(text_encoder="joint")``) trained jointly
+with the denoiser. Captions come from the digit's label and from two attributes we measure on the
+image itself: ink mass (stroke thickness) and slant (from the second moments of the ink).
 """
 
 from __future__ import annotations

@@ -47,7 +47,8 @@ def _sqrt_one_minus_alpha_bar(s: NoiseSchedule, t: Tensor, x: Tensor, tables: di
 def classifier_guidance(
     model: Callable[..., Tensor], s: NoiseSchedule, grad_fn: GradFn, scale: float,
 ) -> Callable[..., Tensor]:
-    """An ε-model ``fn(x_t, t, **cond) = ε_θ(x_t, t, **cond) - scale · √(1-ᾱ_t) · grad_fn(x_t, t)``.
+    """An ε-model ``fn(x_t, t, **cond) = ε_θ(x_t, t, **cond) - scale · √(1-ᾱ_t) · grad_fn(x_t, t)``,
+    eq. (eq-classifier-guidance) with the class term weighted by ``scale``.
 
     ``grad_fn(x_t, t)`` returns ∇_{x_t} log p(y | x_t) shaped like x_t (the label is bound inside it):
     the exact one from :meth:`tinyddpm.ClassMixture.class_log_prob_grad`, or a noisy-image

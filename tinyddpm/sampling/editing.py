@@ -58,7 +58,8 @@ def img2img(
     generator: torch.Generator | None = None, device: torch.device | str | None = None,
     trajectory: list[Tensor] | None = None, **sampler_kw,
 ) -> Tensor:
-    """SDEdit (Meng et al. 2022): noise x to t₀ = round(strength·T) by (eq-forward-closed), then denoise from t₀.
+    """SDEdit (Meng et al. 2022), eq. (eq-sdedit): noise x to t₀ = round(strength·T) by (eq-forward-closed),
+    then denoise from t₀.
 
     The reverse run visits ``ddim_timesteps(t₀, n, spacing)``, n = max(1, round(strength · steps))
     of the ``steps`` (default 50) a full run would take — diffusers' img2img grid. ``"ddim"``
@@ -146,7 +147,8 @@ def inpaint(
     generator: torch.Generator | None = None, x_T: Tensor | None = None,
     device: torch.device | str | None = None, trajectory: list[Tensor] | None = None,
 ) -> Tensor:
-    """Fill in the entries of x_known where ``mask`` is False: RePaint (Lugmayr et al. 2022, Algorithm 1).
+    """Fill in the entries of x_known where ``mask`` is False: RePaint (Lugmayr et al. 2022, Algorithm 1),
+    eq. (eq-repaint).
 
     ``mask`` is a bool tensor broadcastable to x_known ((B, D) points or (B, C, H, W) images),
     True where known; x_known's other entries are ignored. Each reverse step t -> t' on the grid

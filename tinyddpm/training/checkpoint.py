@@ -16,7 +16,8 @@ fsync'ed, then renamed into place; ``latest`` is replaced the same way (both thr
 ``latest`` pointing at a complete directory.
 
 Every trained model of the package is saved in this one format: diffusion denoisers ("unet",
-"mlp"), the VAE ("vae"), the digits classifier ("digits-classifier") and the whole text-to-image
+"mlp"), the VAE ("vae"), the digits classifier ("digits-classifier"), the noise-aware classifier of
+classifier guidance ("noisy-classifier"), the tiny CLIP ("clip") and the whole text-to-image
 pipeline ("text2img"); ``config.json["model"]`` = ``{"kind", "config"}`` rebuilds it
 (:func:`build_from_entry`) and :func:`load_checkpoint` loads any of them.
 """
@@ -98,12 +99,14 @@ def _extra_kinds() -> dict[str, tuple[type, Callable[[dict], nn.Module], Callabl
     from ..nets.clip import TinyCLIP
     from ..nets.vae import VAE, VAEConfig
     from ..text2img import TextToImage
+    from .noisy_classifier import NoisyClassifier
 
     return {
         "vae": (VAE, lambda c: VAE(VAEConfig.from_dict(c)), lambda m: m.config.to_dict()),
         "text2img": (TextToImage, TextToImage.from_config, lambda m: m.to_config()),
         "digits-classifier": (DigitsClassifier, lambda c: DigitsClassifier(**c), lambda m: m.to_config()),
         "clip": (TinyCLIP, TinyCLIP.from_config, lambda m: m.to_config()),
+        "noisy-classifier": (NoisyClassifier, lambda c: NoisyClassifier(**c), lambda m: m.to_config()),
     }
 
 

@@ -15,8 +15,8 @@ The exact counterpart on the Gaussian-mixture oracle is
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -136,15 +136,17 @@ class NoisyClassificationObjective(Objective):
 def train_noisy_classifier(
     data: Any, schedule: NoiseSchedule, steps: int = 400, seed: int = 0, *, batch_size: int = 128,
     lr: float = 3e-3, width: int = 16, hidden: int = 64, device: str | torch.device = "cpu",
-    log: list | None = None,
+    log: list | None = None, out_dir: str | Path | None = None,
 ) -> NoisyClassifier:
     """Train a :class:`NoisyClassifier` on a labelled image Dataset in [-1, 1] under ``schedule``.
 
     The one :class:`tinyddpm.Trainer` with :class:`NoisyClassificationObjective`: AdamW (weight decay
     0.01), ``steps`` // 20 warm-up steps, cosine decay, clipping at 1, EMA 0.99 (warmed up). The same
     seed gives the same weights on the same device. ``log`` (a list) receives (step, loss) pairs
-    every 50 steps. Returns the EMA weights, in eval mode, with gradients off (guidance differentiates
-    with respect to the input only).
+    every 50 steps. With ``out_dir`` the run writes Trainer checkpoints of kind "noisy-classifier"
+    there (:func:`tinyddpm.load_checkpoint` loads them; ``Trainer.resume(out_dir, data,
+    objective=NoisyClassificationObjective(schedule))`` continues one). Returns the EMA weights, in
+    eval mode, with gradients off (guidance differentiates with respect to the input only).
     """
     from ..data.datasets import Dataset
     from .config import TrainConfig
@@ -172,9 +174,7 @@ def train_noisy_classifier(
         steps=steps, batch_size=min(batch_size, n), lr=lr, warmup_steps=steps // 20, lr_schedule="cosine",
         weight_decay=0.01, grad_clip=1.0, ema_decay=0.99, seed=seed, device=device.type, precision="fp32",
         label_dropout=0.0, log_every=50 if log is not None else 0, progress=False)
-    with warnings.catch_warnings():      # the Trainer's warning about few images is for denoisers
-        warnings.filterwarnings("ignore", message=".*a diffusion model trained on so few")
-        trainer = Trainer(model, schedule, data, config, objective=NoisyClassificationObjective(schedule))
+    trainer = Trainer(model, schedule, data, config, out_dir, objective=NoisyClassificationObjective(schedule))
     history = trainer.train()
     if log is not None:
         log.extend((r["step"], r["loss"]) for r in history)

@@ -63,6 +63,10 @@ from .runtime import (  # noqa: F401  (resolve_device, DistInfo, init_distribute
     rng_state,
 )
 
+#: objectives whose model generates nothing (classifiers, CLIP, the VAE's ELBO): the warning that a
+#: dataset under FEW_IMAGES images gets memorised is about generative (denoising) models only
+NON_GENERATIVE: frozenset[str] = frozenset({"classification", "noisy_classification", "contrastive", "vae_elbo"})
+
 
 class TrainingDiverged(RuntimeError):
     """The loss or the gradient became NaN/inf; the weights were not updated with it."""
@@ -185,7 +189,8 @@ class Trainer:
         """A streamed set, or flips, are read through make_batch_source (epochs, workers, this rank's
         share); an in-memory set without flips is sampled by the objective (None)."""
         if not (isinstance(data, StreamingImages) or self.config.hflip):
-            if len(self._shape) == 3 and self._n < FEW_IMAGES:   # (the batch source warns the same itself)
+            # (the batch source warns the same itself); a classifier, CLIP or a VAE does not generate
+            if len(self._shape) == 3 and self._n < FEW_IMAGES and objective.name not in NON_GENERATIVE:
                 warnings.warn(f"the dataset has only {self._n} images: a diffusion model trained on so few tends "
                               "to reproduce its training images rather than make new ones", UserWarning, stacklevel=3)
             return None
