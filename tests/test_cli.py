@@ -45,6 +45,18 @@ def one_line_error(capsys, argv, *fragments) -> str:
     return err
 
 
+def test_digits_defaults_are_the_books_recipe(digits_run):
+    """`train --data digits` without --preset trains RECIPES["digits"]: its network, its v-prediction, its
+    optimiser settings (here with --steps/--T/--schedule/--batch-size/--seed overridden by the fixture)."""
+    from tinyddpm.pretrained import RECIPES
+
+    rec, ck = RECIPES["digits"], load_checkpoint(digits_run)
+    assert ck.prediction == rec.diffusion.prediction == "v"
+    assert ck.model_config["base_channels"] == rec.model_overrides["base_channels"]
+    assert tuple(ck.model_config["attention_levels"]) == ()
+    assert (ck.train.lr, ck.train.weighting, ck.train.ema_decay) == (rec.train.lr, "min_snr", rec.train.ema_decay)
+
+
 def test_train_sample_eval_digits(digits_run, tmp_path, capsys):
     ck = load_checkpoint(digits_run)
     assert ck.step == 4 and ck.model_kind == "unet" and ck.schedule.T == 20 and ck.train.seed == 3

@@ -269,6 +269,20 @@ def test_schedule_from_and_to_diffusers():
         td.NoiseSchedule.from_diffusers(object())
 
 
+def test_prediction_type_round_trips_through_diffusers():
+    s = td.NoiseSchedule.cosine(50)
+    for ours in ("eps", "x0", "v"):
+        sched = s.to_diffusers(prediction=ours)
+        assert td.prediction_from_diffusers(sched) == ours
+        assert td.prediction_from_diffusers(DDIMScheduler.from_config(sched.config)) == ours
+        assert td.prediction_from_diffusers(dict(sched.config)) == ours
+    assert td.prediction_from_diffusers(DDPMScheduler()) == "eps"   # diffusers' default
+    with pytest.raises(ValueError, match="'flow_prediction' is not one tinyddpm samples"):
+        td.prediction_from_diffusers({"prediction_type": "flow_prediction"})
+    with pytest.raises(TypeError, match="prediction_type"):
+        td.prediction_from_diffusers(object())
+
+
 # ------------------------------------------------------------------ samplers across the two libraries
 def test_ddim_trajectory_matches_diffusers_ddim_scheduler():
     """diffusers' DDIMScheduler on the exported network = td.ddim_sample on ours: same x_T, same steps."""
@@ -289,6 +303,28 @@ def test_ddim_trajectory_matches_diffusers_ddim_scheduler():
             x = sched.step(u(x, i).sample, i, x, eta=0.0).prev_sample
     err = (x - ours).abs().max().item()
     assert err < 1e-4 * max(1.0, ours.abs().max().item()), err
+
+
+def test_v_model_ddim_trajectory_matches_diffusers():
+    """A v-predicting network: diffusers' DDIMScheduler (prediction_type="v_prediction") and td.ddim_sample
+    (prediction="v") convert its output with the same identity (eq-v), so the trajectories coincide."""
+    torch.manual_seed(1)
+    m = perturb(td.UNet(image_size=8, base_channels=16, groups=4), 5)
+    s = td.NoiseSchedule.cosine(1000)
+    u = to_diffusers(m)
+    x_T = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    ours = td.ddim_sample(m, s, (2, 1, 8, 8), steps=10, eta=0.0, spacing="trailing", x_T=x_T, prediction="v")
+    as_eps = td.ddim_sample(m, s, (2, 1, 8, 8), steps=10, eta=0.0, spacing="trailing", x_T=x_T)
+    sched = DDIMScheduler.from_config(s.to_diffusers(prediction="v").config, set_alpha_to_one=True,
+                                      timestep_spacing="trailing")
+    sched.set_timesteps(10)
+    x = x_T.clone()
+    with torch.no_grad():
+        for i in sched.timesteps:
+            x = sched.step(u(x, i).sample, i, x, eta=0.0).prev_sample
+    scale = max(1.0, ours.abs().max().item())
+    assert (x - ours).abs().max().item() < 1e-4 * scale
+    assert (x - as_eps).abs().max().item() > 0.1 * scale      # the prediction type matters
 
 
 def test_ddpm_pipeline_runs_an_exported_checkpoint(tmp_path):

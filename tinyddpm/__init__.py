@@ -10,7 +10,7 @@ from .diffusion.broadcast import extract
 from .diffusion.distances import energy_distance, sliced_wasserstein
 from .diffusion.mixture import ClassMixture, GaussianMixture
 from .diffusion.schedule import NoiseSchedule
-from .interop import export_checkpoint, from_diffusers, to_diffusers
+from .interop import export_checkpoint, from_diffusers, prediction_from_diffusers, to_diffusers
 from .metrics import (
     DigitsClassifier,
     digits_classifier,
@@ -153,6 +153,7 @@ __all__ = [
     "Objective",
     "pixels_to_float",
     "plms_sample",
+    "prediction_from_diffusers",
     "preset",
     "PRESETS",
     "read_pixels",

@@ -63,11 +63,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"model preset (default by dataset): {', '.join(PRESETS)}")
     t.add_argument("--conditional", action="store_true", help="class-conditional model (needs labels)")
     t.add_argument("--text", action="store_true",
-                   help="text-to-image latent pipeline (VAE + text encoder + cross-attention UNet; digits only)")
+                   help="text-to-image latent pipeline (frozen tiny-CLIP text encoder + VAE + cross-attention "
+                        "UNet; digits only)")
     t.add_argument("--schedule", choices=SCHEDULES, help="noise schedule (default: cosine for digits, the book's "
                                                          "recipe; linear otherwise)")
     t.add_argument("--T", type=int, help="diffusion steps (default 1000)")
-    t.add_argument("--prediction", choices=PREDICTIONS, help="what the network predicts (default eps)")
+    t.add_argument("--prediction", choices=PREDICTIONS,
+                   help="what the network predicts (default: the recipe's, v for --data digits; else eps)")
     t.add_argument("--steps", type=int, help="total optimiser steps (default 2000)")
     t.add_argument("--batch-size", type=int, help="global batch size (default 64)")
     t.add_argument("--lr", type=float, help="peak learning rate (default: 4e-3 for digits, the book's recipe; 1e-3 "

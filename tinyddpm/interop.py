@@ -369,6 +369,25 @@ def to_diffusers(model: nn.Module) -> Any:
     return unet.train(model.training)
 
 
+def prediction_from_diffusers(scheduler: Any) -> str:
+    """What a diffusers model predicts, read from its scheduler's ``prediction_type``: 'eps' | 'x0' | 'v'.
+
+    Pass it to the samplers (``td.sample(..., prediction=...)``): a v-model sampled as an ε-model gives
+    noise. ``scheduler`` is a diffusers scheduler object or its config mapping.
+    """
+    from .diffusion.schedule import DIFFUSERS_PREDICTION_TYPES
+
+    config = scheduler if isinstance(scheduler, Mapping) else getattr(scheduler, "config", None)
+    if not isinstance(config, Mapping) or "prediction_type" not in config:
+        raise TypeError(f"expected a diffusers scheduler (or its config) with a prediction_type; "
+                        f"got {type(scheduler).__name__}")
+    ours = {theirs: name for name, theirs in DIFFUSERS_PREDICTION_TYPES.items()}
+    kind = config["prediction_type"]
+    if kind not in ours:
+        raise ValueError(f"prediction_type {kind!r} is not one tinyddpm samples; expected one of {sorted(ours)}")
+    return ours[kind]
+
+
 def export_checkpoint(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, *, ema: bool = True) -> Path:
     """Write a tinyddpm checkpoint as a diffusers ``DDPMPipeline`` folder (unet/, scheduler/, model_index.json).
 

@@ -57,11 +57,10 @@ class Recipe:
 
 
 # Sized for ~3 CPU-minutes of training (one thread): a 0.18 M-parameter UNet (16 base channels, no attention
-# at 8×8), 2,000 steps of 64 digits at lr 4e-3, ε-prediction with min-SNR-5 weighting (one step costs 60-100
-# CPU-ms on the 2-core CI machine, which varies that much). Measured with benchmarks/digits_recipe.py (1,000
-# DDIM-50 samples, the current digits classifier: real test digits 93.9 % confident, FD floor 2.83):
-# η = 0 76 % confident, FD 8.9; η = 1 (the CLI's default) 85 %, FD 5.9. v-prediction, flow matching and EDM
-# at the same budget reach 85-86 % at best (benchmarks/README.md has the equal-budget table).
+# at 8×8), 2,000 steps of 64 digits at lr 4e-3, min-SNR-5 weighting (one step costs 60-130 CPU-ms on the
+# 2-core CI machine, which varies that much). The digits model predicts v (eq. eq-v): at the same budget,
+# network and sampler it beat ε-prediction in FD at every seed measured (benchmarks/digits_recipe.py,
+# 1,000 DDIM-50 samples; benchmarks/README.md has the equal-budget table and the seed spread).
 _DIGITS_TRAIN = TrainConfig(
     steps=2000, batch_size=64, lr=4e-3, warmup_steps=100, lr_schedule="cosine", grad_clip=1.0, ema_decay=0.995,
     weighting="min_snr", seed=0, device="cpu", log_every=100, progress=False, keep_last=1,
@@ -70,8 +69,9 @@ _DIGITS_MODEL: Mapping[str, Any] = MappingProxyType({"base_channels": 16, "atten
 
 RECIPES: Mapping[str, Recipe] = MappingProxyType({
     "digits": Recipe(
-        "digits", "digits-tiny", DiffusionConfig("cosine", 1000), _DIGITS_TRAIN, model_overrides=_DIGITS_MODEL,
-        description="unconditional UNet on the 1,500 8×8 training digits"),
+        "digits", "digits-tiny", DiffusionConfig("cosine", 1000, prediction="v"), _DIGITS_TRAIN,
+        model_overrides=_DIGITS_MODEL,
+        description="unconditional UNet (v-prediction) on the 1,500 8×8 training digits"),
     "digits-cond": Recipe(
         "digits", "digits-tiny", DiffusionConfig("cosine", 1000), _DIGITS_TRAIN.replace(label_dropout=0.1),
         model_overrides=_DIGITS_MODEL, conditional=True,

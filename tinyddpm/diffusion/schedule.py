@@ -33,6 +33,10 @@ def _as_f64(values: Tensor | list[float], name: str) -> Tensor:
     return v
 
 
+# what the network predicts, in diffusers' words (its schedulers' ``prediction_type``)
+DIFFUSERS_PREDICTION_TYPES: dict[str, str] = {"eps": "epsilon", "x0": "sample", "v": "v_prediction"}
+
+
 class NoiseSchedule:
     """A variance schedule β_1..β_T and everything derived from it.
 
@@ -376,7 +380,7 @@ class NoiseSchedule:
         check_choice("prediction", prediction, PREDICTIONS)
         from diffusers import DDPMScheduler
 
-        kind = {"eps": "epsilon", "x0": "sample", "v": "v_prediction"}[prediction]
+        kind = DIFFUSERS_PREDICTION_TYPES[prediction]
         kwargs = dict(num_train_timesteps=self.T, trained_betas=self.betas[1:].tolist(), prediction_type=kind,
                       variance_type="fixed_small", clip_sample=False)
         kwargs.update(scheduler_kwargs)
