@@ -9,7 +9,9 @@ as a console error. Each page is checked for
   visible text outside code, a Sphinx math element without an ``mjx-container``, a MathJax error, or
   a MathJax other than version 3 — the one vendored into ``_static/mathjax``),
 * ``image``: an image that did not load (``naturalWidth == 0``),
-* ``link``: an internal link to a missing file or to a missing anchor,
+* ``link``: an internal link to a missing file or to a missing anchor (the ``[docs]`` links of the
+  ``_modules/`` source pages into ``api.html`` are not checked: viewcode names an object by its defining
+  module, the API page by where ``tinyddpm`` re-exports it),
 * ``scroll``: a code block that scrolls horizontally (``scrollWidth > clientWidth`` on a ``pre``;
   pages under ``_modules/``, the highlighted package sources, are exempt),
 * ``console``: a SEVERE entry in the browser console (a failed request, a script error).
@@ -324,6 +326,9 @@ def check_site(root: str | Path, *, pages: list[str] | None = None, screenshots:
                                               f"{s['clientWidth']} px; longest line {s['chars']} chars: "
                                               f"{s['line']!r})") for s in m.get("scroll", [])]
             hrefs = driver.execute_script("return [...document.querySelectorAll('a[href]')].map(a => a.href)")
+            if page.startswith("_modules/"):  # viewcode's [docs] links name objects by the module that
+                # defines them; the API page documents many under tinyddpm.* instead, so they miss
+                hrefs = [h for h in hrefs if "/api.html#" not in h]
             found += _check_links(root, base, page, hrefs)
             found += [Problem(page, "console", e.get("message", str(e))[:300])
                       for e in driver.get_log("browser") if e.get("level") == "SEVERE"

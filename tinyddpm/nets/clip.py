@@ -22,7 +22,7 @@ Caption collisions. With ten digits and a few templates, a batch of 64 holds sev
 caption describes equally well ("a 7" is true of every 7 in the batch); one-hot InfoNCE would call
 all but one of them negatives and push identical captions' images apart. We use **soft targets**
 (as in UniCL, Yang et al. 2022): with P the B×B matrix of positives (P_ij = 1 when caption j is
-true of image i), row i's target is P_i· / Σ_j P_ij and column j's is P_·j / Σ_i P_ij. By default
+true of image i), row i's target is ``P_i· / Σ_j P_ij`` and column j's is ``P_·j / Σ_i P_ij``. By default
 (``positives="meaning"``) caption j is true of image i when it names i's digit and its adjective,
 if any, is one of i's measured attributes; ``positives="caption"`` counts only identical captions.
 With P = I (no collisions) this is exactly CLIP's loss, :func:`clip_loss`.
@@ -184,7 +184,7 @@ class TinyCLIP(nn.Module):
 
 def clip_loss(logits: Tensor, positives: Tensor | None = None) -> Tensor:
     """Symmetric InfoNCE, eq. (eq-infonce), of a (B, B) logit matrix (rows images, columns captions;
-    Radford et al. 2021):
+    Radford et al. 2021)::
 
         L = ½ [ −(1/B) Σ_i Σ_j p_ij log softmax_j(L_i·) − (1/B) Σ_j Σ_i q_ij log softmax_i(L_·j) ],
 
