@@ -36,6 +36,7 @@ class ContrastiveObjective(Objective):
     """
 
     name = "contrastive"
+    generative = False
     streams = False  # captions are drawn per dataset row in draw()
 
     def __init__(self, *, attribute_prob: float = 0.5, positives: str = "meaning"):

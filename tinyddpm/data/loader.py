@@ -121,7 +121,7 @@ class BatchSource:
     def __init__(
         self, data: Any, batch_size: int, *, seed: int = 0, rank: int | None = None, world_size: int | None = None,
         device: str | torch.device = "cpu", hflip: bool = False, num_workers: int | None = None,
-        max_device_bytes: int = 2 << 30,
+        max_device_bytes: int = 2 << 30, warn_few: bool = True,
     ):
         check_int("batch_size", batch_size, low=1)
         check_int("seed", seed, low=0)
@@ -136,9 +136,8 @@ class BatchSource:
         n, shape = self._describe(data)
         if hflip and len(shape) != 3:
             raise ValueError(f"hflip=True needs images (C, H, W); this data has samples of shape {shape}")
-        if len(shape) == 3 and n < FEW_IMAGES:
-            warnings.warn(f"the dataset has only {n} images: a diffusion model trained on so few tends to "
-                          "reproduce its training images rather than make new ones", UserWarning, stacklevel=3)
+        if warn_few:
+            warn_few_images(n, shape, stacklevel=4)
         b = batch_size // world_size
         self._part = slice(rank * b, (rank + 1) * b)
         self._order = EpochOrder(n, batch_size, seed, hflip)
@@ -230,15 +229,24 @@ class BatchSource:
         self.close()
 
 
+def warn_few_images(n: int, shape: tuple[int, ...], *, stacklevel: int = 2) -> None:
+    """Warn when a set of images (samples of shape (C, H, W)) has fewer than FEW_IMAGES of them."""
+    if len(shape) == 3 and n < FEW_IMAGES:
+        warnings.warn(f"the dataset has only {n} images: a diffusion model trained on so few tends to "
+                      "reproduce its training images rather than make new ones", UserWarning, stacklevel=stacklevel)
+
+
 def make_batch_source(
     data: Any, batch_size: int, *, seed: int = 0, rank: int | None = None, world_size: int | None = None,
     device: str | torch.device = "cpu", hflip: bool = False, num_workers: int | None = None,
+    warn_few: bool = True,
 ) -> BatchSource:
     """An endless, resumable source of this process's minibatches of ``data`` (see the module docstring).
 
     ``batch_size`` is the global batch; each of ``world_size`` processes gets batch_size / world_size
     samples. ``rank``/``world_size`` default to torch.distributed's (or env RANK/WORLD_SIZE).
-    ``num_workers`` (streaming sets only) defaults to min(4, CPUs).
+    ``num_workers`` (streaming sets only) defaults to min(4, CPUs). ``warn_few``: warn when there are
+    fewer than FEW_IMAGES images (the Trainer warns itself, for generative objectives only).
     """
     return BatchSource(data, batch_size, seed=seed, rank=rank, world_size=world_size, device=device,
-                       hflip=hflip, num_workers=num_workers)
+                       hflip=hflip, num_workers=num_workers, warn_few=warn_few)

@@ -107,6 +107,7 @@ class NoisyClassificationObjective(Objective):
     """
 
     name = "noisy_classification"
+    generative = False
     streams = False                      # the labels are read by index
 
     def __init__(self, schedule: NoiseSchedule):

@@ -55,6 +55,9 @@ class Objective:
     name: ClassVar[str] = ""
     #: True when the trained network is a denoiser the Trainer can sample (``sample_every``)
     samples: ClassVar[bool] = False
+    #: True when the network learns to generate data (a denoiser, a velocity): such a model trained on
+    #: a small set reproduces it, so the Trainer warns (classifiers, CLIP and the VAE set False)
+    generative: ClassVar[bool] = True
     #: True when the loss reads its images only through :meth:`rows`, so that a
     #: :class:`~tinyddpm.data.loader.BatchSource` (streaming, flips) can feed it
     streams: ClassVar[bool] = True
@@ -187,6 +190,7 @@ class ELBOObjective(Objective):
     """
 
     name = "vae_elbo"
+    generative = False
 
     def network(self, model: nn.Module) -> nn.Module:
         return _Reparameterised(model)
@@ -224,6 +228,7 @@ class ClassificationObjective(Objective):
     """
 
     name = "classification"
+    generative = False
 
     def __init__(self, *, shift: int = 1, pad_value: float = -1.0, outlier_weight: float = 0.0,
                  outliers: Callable[[int, torch.Generator], Tensor] | None = None):

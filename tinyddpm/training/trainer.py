@@ -28,7 +28,6 @@ import math
 import signal
 import sys
 import time
-import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -37,7 +36,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from ..data.loader import FEW_IMAGES, BatchSource, make_batch_source
+from ..data.loader import BatchSource, make_batch_source, warn_few_images
 from ..data.stream import StreamingImages
 from ..diffusion.schedule import NoiseSchedule
 from .checkpoint import (
@@ -62,10 +61,6 @@ from .runtime import (  # noqa: F401  (resolve_device, DistInfo, init_distribute
     restore_rng_state,
     rng_state,
 )
-
-#: objectives whose model generates nothing (classifiers, CLIP, the VAE's ELBO): the warning that a
-#: dataset under FEW_IMAGES images gets memorised is about generative (denoising) models only
-NON_GENERATIVE: frozenset[str] = frozenset({"classification", "noisy_classification", "contrastive", "vae_elbo"})
 
 
 class TrainingDiverged(RuntimeError):
@@ -188,18 +183,16 @@ class Trainer:
     def _batch_source(self, data: Any, objective: Objective) -> BatchSource | None:
         """A streamed set, or flips, are read through make_batch_source (epochs, workers, this rank's
         share); an in-memory set without flips is sampled by the objective (None)."""
+        if objective.generative:  # a classifier, CLIP or a VAE memorising its data is not the worry
+            warn_few_images(self._n, self._shape, stacklevel=4)
         if not (isinstance(data, StreamingImages) or self.config.hflip):
-            # (the batch source warns the same itself); a classifier, CLIP or a VAE does not generate
-            if len(self._shape) == 3 and self._n < FEW_IMAGES and objective.name not in NON_GENERATIVE:
-                warnings.warn(f"the dataset has only {self._n} images: a diffusion model trained on so few tends "
-                              "to reproduce its training images rather than make new ones", UserWarning, stacklevel=3)
             return None
         if not objective.streams:
             raise ValueError(f"the {objective.name!r} objective reads its data by index and cannot train on a "
                              "streamed set or with hflip=True; load the data into memory and set hflip=False")
         return make_batch_source(data, self.config.batch_size, seed=self.config.seed, rank=self.dist.rank,
                                  world_size=self.dist.world_size, device=self.device, hflip=self.config.hflip,
-                                 num_workers=self.config.num_workers)
+                                 num_workers=self.config.num_workers, warn_few=False)
 
     # ------------------------------------------------------------------ construction from a run
     @classmethod
