@@ -8,9 +8,10 @@ Two things, both only for the CI-style run and harmless otherwise:
   never written to. The book build refuses a copy whose cells differ from the source notebook's
   (the notebook changed since nbval ran it).
 * Under pytest-xdist (``-n 2 --dist loadfile --no-loadscope-reorder``) the notebooks are queued
-  so that the ones that train a cached model run first and the longest ones early (see
-  ``NOTEBOOK_ORDER``); concurrent training of one model is serialised by
-  :func:`tinyddpm.atomic.write_dir_atomic`, so a worker never trains what another is training.
+  so that the ones that train a cached model run first, no notebook waits for a model the other
+  worker is still training, and the longest run early (see ``NOTEBOOK_ORDER``); anything else in the
+  same session (CI's unit tests) is queued after them. Concurrent training of one model is serialised
+  by :func:`tinyddpm.atomic.write_dir_atomic`, so a worker never trains what another is training.
 """
 
 from __future__ import annotations
@@ -23,14 +24,16 @@ from typing import Any
 import nbformat
 import pytest
 
-# Queue order under xdist (names not listed run after these, in collection order). The notebooks that
-# train a cached model come first (05: the "digits" recipe; 08: "digits-cond" and the digits classifier;
-# 09: the text-to-image pipeline and its CLIP), then the longest (12 trains its flow models inline),
-# then the ones that load those caches, longest first.
+# Queue order under xdist (the first two go to the two workers; each later one to the worker that frees
+# up first). A notebook that loads a cached model another worker is still training waits for it with its
+# core idle, so the order is chosen so that nothing waits: 09 trains the longest model (the CLIP, VAE and
+# UNet of the text-to-image pipeline) while the other worker trains "digits" (05), "digits-cond" (08) and
+# chapter 12's flows; 14 (needs the pipeline and "digits") comes after 09; then the rest, longest first.
+# Durations on the 2-core CI machine are in the comment of ``pytest_collection_modifyitems``.
 NOTEBOOK_ORDER: tuple[str, ...] = (
-    "05_training", "08_guidance", "09_latent_and_text", "12_flow_matching", "13_edm", "14_editing",
-    "06_ddpm_sampling", "07_ddim", "03_posterior", "04_epsilon_prediction", "appendix_diffusers",
-    "11_scores_and_sdes", "02_forward_process", "10_samplers", "01_gaussians", "appendix_bug_zoo",
+    "09_latent_and_text", "05_training", "08_guidance", "12_flow_matching", "14_editing", "13_edm",
+    "07_ddim", "06_ddpm_sampling", "appendix_diffusers", "04_epsilon_prediction", "02_forward_process",
+    "11_scores_and_sdes", "10_samplers", "03_posterior", "01_gaussians", "appendix_bug_zoo",
 )
 
 EXECUTED_KEY = "tinyddpm_executed"  # notebook metadata written into each saved copy
@@ -56,13 +59,20 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Order the notebooks as :data:`NOTEBOOK_ORDER` says (cells keep their order within a notebook)."""
+    """Order the notebooks as :data:`NOTEBOOK_ORDER` says (cells keep their order within a notebook),
+    then everything else collected in the same session (CI runs the unit tests in the same two-worker
+    session: queued last, their many small files fill whatever time one worker would otherwise idle).
+
+    Measured with an empty model cache (nbval, two workers, seconds per notebook, Dec 2026, before this
+    order): 09 918 (875 of them training the pipeline), 12 447, 08 401, 05 376, 14 352 (273 of them
+    waiting for 09's pipeline under the old order), every other notebook under 60.
+    """
     rank = {name: i for i, name in enumerate(NOTEBOOK_ORDER)}
 
     def key(indexed: tuple[int, pytest.Item]) -> tuple[int, int]:
         i, item = indexed
         if item.path.suffix != ".ipynb":
-            return (-1, i)  # anything else collected in the same session keeps its place, first
+            return (len(rank) + 1, i)  # unit tests etc.: after the notebooks, in their own order
         return (rank.get(item.path.stem, len(rank)), i)
 
     items[:] = [item for _, item in sorted(enumerate(items), key=key)]

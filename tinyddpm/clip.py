@@ -26,7 +26,7 @@ DEFAULT_CLIP = CLIPConfig()   # the configuration chapter 9 and the tests use (f
 
 
 class ContrastiveObjective(Objective):
-    """Symmetric InfoNCE, eq. (eq-infonce) (:func:`clip_loss`), of a :class:`TinyCLIP` on digits and fresh
+    """Symmetric InfoNCE, eq. :eq:`eq-infonce` (:func:`clip_loss`), of a :class:`TinyCLIP` on digits and fresh
     random captions.
 
     Per step, from the CPU generator: indices, then one caption per image (:func:`random_captions` with

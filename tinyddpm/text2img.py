@@ -8,8 +8,8 @@ The three parts of Rombach et al. 2022 (LDM), at digit scale:
 
 Training (:func:`train_text2img`), by default (``Text2ImgConfig(text_encoder="clip")``) as Stable
 Diffusion does it: a :class:`tinyddpm.nets.clip.TinyCLIP` is trained contrastively (symmetric
-InfoNCE, eq. eq-infonce) and its text tower frozen; the VAE is trained and frozen; then the UNet
-alone learns L_simple (eq-loss-simple) over scaled latents, cross-attending to the tower's token
+InfoNCE, eq. :eq:`eq-infonce`) and its text tower frozen; the VAE is trained and frozen; then the UNet
+alone learns L_simple :eq:`eq-loss-simple` over scaled latents, cross-attending to the tower's token
 features (B, K, E), with 10 % of captions replaced by the empty prompt — each stage through the one
 :class:`tinyddpm.training.trainer.Trainer` (objectives ``ContrastiveObjective``,
 :class:`~tinyddpm.training.objectives.ELBOObjective` and :class:`Text2ImgObjective`). The tower's
@@ -18,7 +18,7 @@ With ``text_encoder="joint"`` a fresh text encoder is instead trained *jointly* 
 The pipeline is saved as an ordinary Trainer checkpoint of model kind "text2img" (weights of all
 three networks in one safetensors file, the tokenizer and configs in config.json), so
 :func:`tinyddpm.load_checkpoint` loads it. Sampling (:meth:`TextToImage.generate`) guides with
-the empty prompt as the unconditional input, eq. (eq-cfg), then decodes the latent.
+the empty prompt as the unconditional input, eq. :eq:`eq-cfg`, then decodes the latent.
 """
 
 from __future__ import annotations
@@ -162,8 +162,8 @@ class TextToImage(nn.Module):
         return self.text_encoder(ids, mask), mask
 
     def guided_denoiser(self, prompts: list[str], guidance: float, negative_prompts: str | list[str] = ""):
-        """model(z_t, t) = ε_u + w (ε_c - ε_u), eq. (eq-cfg), with ε_u from the empty prompt — or from a
-        *negative prompt* n, eq. (eq-negative-prompt), so that guidance pushes away from what n
+        """model(z_t, t) = ε_u + w (ε_c - ε_u), eq. :eq:`eq-cfg`, with ε_u from the empty prompt — or from a
+        *negative prompt* n, eq. :eq:`eq-negative-prompt`, so that guidance pushes away from what n
         describes (e.g. "thick").
 
         The package's one guidance batcher, :func:`tinyddpm.sampling.guidance.cfg_model`: both halves
@@ -184,7 +184,7 @@ class TextToImage(nn.Module):
                  return_latents: bool = False, negative_prompts: str | list[str] = "") -> Tensor:
         """Images (B, C, H, W) in [-1, 1] for the prompts: sample a latent with ``sampler``, decode it.
         ``negative_prompts`` replace the empty prompt in the unconditional branch of guidance,
-        eq. (eq-negative-prompt)."""
+        eq. :eq:`eq-negative-prompt`."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompts:
             raise ValueError("pass at least one prompt")
@@ -270,7 +270,7 @@ class TextToImage(nn.Module):
 
 
 class Text2ImgObjective(Objective):
-    """L_simple (eq-loss-simple) on scaled VAE latents z_0 ~ q(z | x), with the UNet reading the text
+    """L_simple :eq:`eq-loss-simple` on scaled VAE latents z_0 ~ q(z | x), with the UNet reading the text
     encoder's context of a fresh random caption per image (``caption_dropout`` of them empty).
 
     Per step: indices, captions and t from the CPU generator; the posterior draw and ε from the

@@ -5,7 +5,7 @@
 objective itself (the book's chapters were measured that way)::
 
     batches = make_batch_source(data, batch_size=128, seed=0, device="cuda", hflip=True)
-    x0, y = next(batches)          # float32 (b, C, H, W) in [-1, 1] on the device; labels or None
+    x0, y = next(batches)          # (b, C, H, W) float32 in [-1, 1]; labels or None
     state = batches.state_dict()   # {"epoch", "position", ...}: save it with the checkpoint
     batches.load_state_dict(state) # ...and the same batches follow, bit for bit
 

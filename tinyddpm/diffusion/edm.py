@@ -1,10 +1,10 @@
 """EDM's σ-parameterisation: preconditioning, training noise levels and loss weight (Karras et al. 2022).
 
 EDM writes the noised data in "variance exploding" form, x = x_0 + σ n with n ~ N(0, I) — our
-x̄ = x_t / √ᾱ_t with σ = σ̃_t = √((1 - ᾱ_t)/ᾱ_t) (book chapter 10, eq. eq-prob-flow-ode). A raw
+x̄ = x_t / √ᾱ_t with σ = σ̃_t = √((1 - ᾱ_t)/ᾱ_t) (book chapter 10, eq. :eq:`eq-prob-flow-ode`). A raw
 network F_θ is wrapped into a denoiser
 
-    D_θ(x; σ) = c_skip(σ) x + c_out(σ) F_θ(c_in(σ) x; c_noise(σ)),                 (eq-edm-precond)
+    D_θ(x; σ) = c_skip(σ) x + c_out(σ) F_θ(c_in(σ) x; c_noise(σ)),                 :eq:`eq-edm-precond`
 
 with the coefficients chosen so that, for data of standard deviation σ_data, the network's input
 c_in x and its regression target (x_0 - c_skip x) / c_out both have unit variance at every σ, and
@@ -38,8 +38,8 @@ def _sigma(sigma: Tensor | float) -> Tensor:
 
 
 def edm_coefficients(sigma: Tensor | float, sigma_data: float = SIGMA_DATA) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(c_skip, c_out, c_in, c_noise) at noise level ``sigma`` (any shape, > 0), eqs. (eq-edm-precond),
-    (eq-edm-coefficients)."""
+    """(c_skip, c_out, c_in, c_noise) at noise level ``sigma`` (any shape, > 0), eqs. :eq:`eq-edm-precond`,
+    :eq:`eq-edm-coefficients`."""
     sigma_data = check_nonneg_float("sigma_data", sigma_data)
     if sigma_data == 0:
         raise ValueError("sigma_data must be > 0 (the standard deviation of the data)")
@@ -56,7 +56,8 @@ def edm_coefficients(sigma: Tensor | float, sigma_data: float = SIGMA_DATA) -> t
 
 
 def edm_loss_weight(sigma: Tensor | float, sigma_data: float = SIGMA_DATA) -> Tensor:
-    """λ(σ) = (σ² + σ_data²) / (σ σ_data)² = 1 / c_out(σ)²: the weight on ‖D_θ(x; σ) - x_0‖², eq. (eq-edm-weight)."""
+    """λ(σ) = (σ² + σ_data²) / (σ σ_data)² = 1 / c_out(σ)²: the weight on ‖D_θ(x; σ) - x_0‖²,
+    eq. :eq:`eq-edm-weight`."""
     _, c_out, _, _ = edm_coefficients(sigma, sigma_data)
     return 1.0 / (c_out * c_out)
 

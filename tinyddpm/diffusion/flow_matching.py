@@ -2,9 +2,9 @@
 
 Convention (Stable Diffusion 3, Esser et al. 2024): t ∈ [0, 1], t = 0 is data and t = 1 is noise,
 
-    x_t = (1 - t) x_0 + t ε,      ε ~ N(0, I),                                      (eq-flow-path)
+    x_t = (1 - t) x_0 + t ε,      ε ~ N(0, I),                                      :eq:`eq-flow-path`
 
-and a velocity model v_θ(x_t, t) regresses the path's derivative dx_t/dt = ε - x_0 (eq-flow-target).
+and a velocity model v_θ(x_t, t) regresses the path's derivative dx_t/dt = ε - x_0 :eq:`eq-flow-target`.
 The minimiser is the marginal velocity E[ε - x_0 | x_t], and dx/dt = v(x, t) integrated from t = 1
 to t = 0 turns noise into data (:func:`tinyddpm.flow_sample`).
 
@@ -38,34 +38,35 @@ def _t_like(t: Tensor | float, x: Tensor) -> Tensor:
 
 
 def flow_interpolate(x0: Tensor, eps: Tensor, t: Tensor | float) -> Tensor:
-    """x_t = (1 - t) x_0 + t ε, eq. (eq-flow-path); t = 0 is data, t = 1 noise."""
+    """x_t = (1 - t) x_0 + t ε, eq. :eq:`eq-flow-path`; t = 0 is data, t = 1 noise."""
     check_same_shape(x0=x0, eps=eps)
     tt = _t_like(t, x0)
     return (1 - tt) * x0 + tt * eps
 
 
 def flow_target(x0: Tensor, eps: Tensor) -> Tensor:
-    """The regression target dx_t/dt = ε - x_0 of the straight path, eq. (eq-flow-target)."""
+    """The regression target dx_t/dt = ε - x_0 of the straight path, eq. :eq:`eq-flow-target`."""
     check_same_shape(x0=x0, eps=eps)
     return eps - x0
 
 
 def x0_eps_from_velocity(xt: Tensor, t: Tensor | float, v: Tensor) -> tuple[Tensor, Tensor]:
-    """(x̂_0, ε̂) from a velocity: x_0 = x_t - t v and ε = x_t + (1 - t) v (solve x_t = (1-t)x_0 + tε, v = ε - x_0)."""
+    """(x̂_0, ε̂) from a velocity: x_0 = x_t - t v and ε = x_t + (1 - t) v (solve x_t = (1-t)x_0 + tε, v = ε - x_0),
+    eq. :eq:`eq-flow-x0-eps`."""
     check_same_shape(xt=xt, v=v)
     tt = _t_like(t, xt)
     return xt - tt * v, xt + (1 - tt) * v
 
 
 def velocity_from_eps(xt: Tensor, t: Tensor | float, eps: Tensor) -> Tensor:
-    """v = ε - x_0 with x_0 = (x_t - t ε)/(1 - t): an ε-prediction as a velocity (t < 1)."""
+    """v = ε - x_0 with x_0 = (x_t - t ε)/(1 - t): an ε-prediction as a velocity (t < 1), eq. :eq:`eq-flow-x0-eps`."""
     check_same_shape(xt=xt, eps=eps)
     tt = _t_like(t, xt)
     return eps - (xt - tt * eps) / (1 - tt)
 
 
 def flow_to_vp(t: Tensor | float) -> tuple[Tensor, Tensor]:
-    """(ᾱ, c) with x_t^flow = c · x^VP_ᾱ: ᾱ = (1-t)²/((1-t)² + t²), c = √((1-t)² + t²)."""
+    """(ᾱ, c) with x_t^flow = c · x^VP_ᾱ: ᾱ = (1-t)²/((1-t)² + t²), c = √((1-t)² + t²), eq. :eq:`eq-flow-vp`."""
     t = torch.as_tensor(t, dtype=torch.float64)
     c2 = (1 - t) ** 2 + t**2
     return (1 - t) ** 2 / c2, c2.sqrt()

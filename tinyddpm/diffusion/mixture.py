@@ -1,8 +1,8 @@
 """The Gaussian-mixture oracle: data whose optimal denoiser is known exactly (book chapter 4).
 
 If x_0 ~ Σ_k w_k N(μ_k, diag σ_k²) then, under q(x_t | x_0) = N(√ᾱ_t x_0, (1-ᾱ_t) I),
-x_t ~ Σ_k w_k N(√ᾱ_t μ_k, diag(ᾱ_t σ_k² + 1 - ᾱ_t)), eq. (eq-marginal-mixture), and the optimal
-ε-predictor is E[ε | x_t] = -√(1-ᾱ_t) ∇ log q_t(x_t) (Tweedie), eq. (eq-optimal-eps).
+x_t ~ Σ_k w_k N(√ᾱ_t μ_k, diag(ᾱ_t σ_k² + 1 - ᾱ_t)), eq. :eq:`eq-marginal-mixture`, and the optimal
+ε-predictor is E[ε | x_t] = -√(1-ᾱ_t) ∇ log q_t(x_t) (Tweedie), eq. :eq:`eq-optimal-eps`.
 """
 
 from __future__ import annotations
@@ -91,7 +91,7 @@ class GaussianMixture:
         return (r[..., None] * per_k).sum(1)
 
     def marginal(self, t: int | float | Tensor, schedule: NoiseSchedule) -> GaussianMixture:
-        """q_t = the law of x_t when x_0 follows this mixture, eq. (eq-marginal-mixture).
+        """q_t = the law of x_t when x_0 follows this mixture, eq. :eq:`eq-marginal-mixture`.
 
         ``t`` is an integer step in [0, T] or a fractional one (a Python float or a 0-d float tensor),
         where ᾱ(t) = 1/(1 + σ(t)²) with σ(t) interpolated as :meth:`NoiseSchedule.sigma_at` does.
@@ -113,7 +113,7 @@ class GaussianMixture:
             p(x_u | x_k) = Σ_k w'_k N(x_u; μ_k,u, diag σ_k,u²),   w'_k ∝ w_k N(x_k; μ_k,k, diag σ_k,k²):
 
         the same components restricted to the unknown axes, reweighted by how well each explains
-        x_k, eq. (eq-mixture-condition). One x_known only: a batch of them would give one mixture per
+        x_k, eq. :eq:`eq-mixture-condition`. One x_known only: a batch of them would give one mixture per
         row (different w'), so condition row by row. The ground truth for inpainting (:func:`tinyddpm.inpaint`).
         """
         if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
@@ -172,7 +172,7 @@ class GaussianMixture:
         return torch.softmax(logp, dim=-1), diff, var
 
     def optimal_eps(self, xt: Tensor, t: int | float | Tensor, schedule: NoiseSchedule) -> Tensor:
-        """E[ε | x_t] = √(1-ᾱ_t) Σ_k p(k | x_t) (x_t - √ᾱ_t μ_k) / (ᾱ_t σ_k² + 1 - ᾱ_t), eq. (eq-optimal-eps).
+        """E[ε | x_t] = √(1-ᾱ_t) Σ_k p(k | x_t) (x_t - √ᾱ_t μ_k) / (ᾱ_t σ_k² + 1 - ᾱ_t), eq. :eq:`eq-optimal-eps`.
 
         ``t`` is an int or a (N,) LongTensor in [1, T], or fractional steps (a float or a float
         tensor in [0, T], ᾱ(t) = 1/(1 + σ(t)²), :meth:`NoiseSchedule.sigma_at`); the result has
@@ -197,7 +197,7 @@ class GaussianMixture:
 
         The Gaussian conditional mean per component, weighted by the responsibilities; defined at
         every t in [0, T] including ᾱ_T = 0 (where it is the mixture's mean), unlike
-        (x_t - √(1-ᾱ) E[ε | x_t]) / √ᾱ, which it equals elsewhere (Tweedie).
+        (x_t - √(1-ᾱ) E[ε | x_t]) / √ᾱ, which it equals elsewhere (Tweedie's formula, eq. :eq:`eq-tweedie`).
         """
         ab = self._rows_t(xt, t, schedule, low=0)
         x = xt.detach().to(device="cpu", dtype=F64)
@@ -227,7 +227,8 @@ class GaussianMixture:
         return v_model
 
     def velocity(self, x: Tensor, t: float | Tensor) -> Tensor:
-        """The exact flow-matching velocity u_t(x) = E[ε - x_0 | x_t = x] for x_t = (1 - t) x_0 + t ε.
+        """The exact flow-matching velocity u_t(x) = E[ε - x_0 | x_t = x] for x_t = (1 - t) x_0 + t ε,
+        eqs. :eq:`eq-marginal-velocity` and :eq:`eq-mixture-velocity`.
 
         Rectified-flow / Stable Diffusion 3 convention (Liu et al. 2023; Esser et al. 2024): t ∈ [0, 1],
         t = 0 is data, t = 1 is pure noise, and sampling integrates dx/dt = u_t(x) from 1 to 0.
@@ -296,7 +297,7 @@ class ClassMixture:
         """The exact classifier gradient ``grad_fn(x_t, t)`` = ∇_{x_t} log q_t(y | x_t), for classifier guidance.
 
         Bayes: log q_t(y | x) = log q_t(x | y) + log p(y) - log q_t(x), each q_t a mixture marginal
-        (eq-marginal-mixture), so the gradient is the class-y sub-mixture's score minus the full one's:
+        :eq:`eq-marginal-mixture`, so the gradient is the class-y sub-mixture's score minus the full one's:
         with per-component scores s_k(x) = -(x - √ᾱ μ_k) / (ᾱ σ_k² + 1 - ᾱ),
 
             ∇ log q_t(y | x) = Σ_k (p(k | x, y) - p(k | x)) s_k(x),

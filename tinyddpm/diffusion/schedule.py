@@ -106,13 +106,13 @@ class NoiseSchedule:
 
     @classmethod
     def linear(cls, T: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> NoiseSchedule:
-        """β_t linear from ``beta_start`` to ``beta_end`` (Ho et al. 2020), eq. (eq-schedule-linear)."""
+        """β_t linear from ``beta_start`` to ``beta_end`` (Ho et al. 2020), eq. :eq:`eq-schedule-linear`."""
         T = check_int("T", T, low=1)
         return cls.from_betas(torch.linspace(beta_start, beta_end, T, dtype=F64), name="linear")
 
     @classmethod
     def scaled_linear(cls, T: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012) -> NoiseSchedule:
-        """√β_t linear, then squared (Stable Diffusion's default), eq. (eq-schedule-scaled-linear)."""
+        """√β_t linear, then squared (Stable Diffusion's default), eq. :eq:`eq-schedule-scaled-linear`."""
         T = check_int("T", T, low=1)
         root = torch.linspace(math.sqrt(beta_start), math.sqrt(beta_end), T, dtype=F64)
         return cls.from_betas(root**2, name="scaled_linear")
@@ -128,7 +128,7 @@ class NoiseSchedule:
     def cosine(cls, T: int = 1000, s: float = 0.008, max_beta: float = 0.999) -> NoiseSchedule:
         """ᾱ_t = f(t)/f(0), f(t) = cos²(π/2 · (t/T + s)/(1 + s)); β_t clipped at ``max_beta``.
 
-        Nichol & Dhariwal 2021, eq. 17; eq. (eq-schedule-cosine) in the book. The clip changes ᾱ_t
+        Nichol & Dhariwal 2021, eq. 17; eq. :eq:`eq-schedule-cosine` in the book. The clip changes ᾱ_t
         only at the last few steps of a large T (β_T would otherwise be 1).
         """
         T = check_int("T", T, low=1)
@@ -139,7 +139,7 @@ class NoiseSchedule:
         return cls.from_betas(betas, name="cosine")
 
     def zero_terminal_snr(self) -> NoiseSchedule:
-        """Rescale √ᾱ_t so that ᾱ_T = 0 and ᾱ_1 is unchanged (Lin et al. 2023, Algorithm 1).
+        """Rescale √ᾱ_t so that ᾱ_T = 0 and ᾱ_1 is unchanged (Lin et al. 2023, Algorithm 1), eq. :eq:`eq-zero-snr`.
 
         Then β_T = 1: the last step destroys the signal completely, as sampling from pure noise
         assumes. With ᾱ_T = 0 an ε-prediction cannot recover x_0 at t = T; train with v-prediction.
@@ -155,7 +155,7 @@ class NoiseSchedule:
     # ---------------------------------------------------------------- derived
     @property
     def snr(self) -> Tensor:
-        """SNR(t) = ᾱ_t / (1 - ᾱ_t), eq. (eq-snr); SNR(0) = inf."""
+        """SNR(t) = ᾱ_t / (1 - ᾱ_t), eq. :eq:`eq-snr`; SNR(0) = inf."""
         return self.alpha_bars / (1.0 - self.alpha_bars)
 
     @property
@@ -168,7 +168,8 @@ class NoiseSchedule:
     def sigmas(self) -> Tensor:
         """σ_t = √((1-ᾱ_t)/ᾱ_t) for t = 0..T (length T+1, float64): σ_0 = 0, σ_T = ∞ if ᾱ_T = 0.
 
-        Karras et al. (2022)'s noise level: x_t / √ᾱ_t = x_0 + σ_t ε, eq. (eq-prob-flow-ode).
+        Karras et al. (2022)'s noise level: x_t / √ᾱ_t = x_0 + σ_t ε, eq. :eq:`eq-edm-sigma`; the ODE in this
+        variable is eq. :eq:`eq-prob-flow-ode`.
         """
         ab = self.alpha_bars
         return ((1.0 - ab) / ab).sqrt()
@@ -202,7 +203,8 @@ class NoiseSchedule:
         return out
 
     def t_from_sigma(self, sigma: float | Tensor) -> Tensor:
-        """The real t in [0, T] with σ(t) = σ: the inverse of :meth:`sigma_at` (float64, on CPU).
+        """The real t in [0, T] with σ(t) = σ (eq. :eq:`eq-edm-sigma`): the inverse of :meth:`sigma_at`
+        (float64, on CPU).
 
         σ must lie in [0, σ_T]; with ᾱ_T = 0 the continuous range ends at σ_{T-1} (σ = ∞ maps to T).
         """
@@ -289,13 +291,14 @@ class NoiseSchedule:
         return cache[(name, device)]
 
     def q_sample(self, x0: Tensor, t: int | Tensor, noise: Tensor) -> Tensor:
-        """x_t = √ᾱ_t x_0 + √(1-ᾱ_t) ε, a draw from q(x_t | x_0), eq. (eq-forward-closed)."""
+        """x_t = √ᾱ_t x_0 + √(1-ᾱ_t) ε, a draw from q(x_t | x_0), eq. :eq:`eq-forward-closed`
+        (the reparameterisation :eq:`eq-reparam` of that Gaussian)."""
         check_same_shape(x0=x0, noise=noise)
         t = self._t(t, x0)
         return self._coef("sqrt_alpha_bars", t, x0) * x0 + self._coef("sqrt_one_minus_alpha_bars", t, x0) * noise
 
     def q_posterior(self, x0: Tensor, xt: Tensor, t: int | Tensor) -> tuple[Tensor, Tensor]:
-        """Mean and variance of q(x_{t-1} | x_t, x_0), eqs. (eq-posterior-mean), (eq-posterior-var).
+        """Mean and variance of q(x_{t-1} | x_t, x_0), eqs. :eq:`eq-posterior-mean`, :eq:`eq-posterior-var`.
 
         Returns ``(mean, var)``: mean has x's shape, var broadcasts against it. Needs t in [1, T].
         """
@@ -305,31 +308,31 @@ class NoiseSchedule:
         return mean, self._coef("posterior_variance", t, xt)
 
     def x0_from_eps(self, xt: Tensor, t: int | Tensor, eps: Tensor) -> Tensor:
-        """x̂_0 = (x_t - √(1-ᾱ_t) ε) / √ᾱ_t, eq. (eq-x0-from-eps). Undefined where ᾱ_t = 0."""
+        """x̂_0 = (x_t - √(1-ᾱ_t) ε) / √ᾱ_t, eq. :eq:`eq-x0-from-eps`. Undefined where ᾱ_t = 0."""
         check_same_shape(xt=xt, eps=eps)
         t = self._t(t, xt)
         return (xt - self._coef("sqrt_one_minus_alpha_bars", t, xt) * eps) / self._coef("sqrt_alpha_bars", t, xt)
 
     def eps_from_x0(self, xt: Tensor, t: int | Tensor, x0: Tensor) -> Tensor:
-        """ε = (x_t - √ᾱ_t x_0) / √(1-ᾱ_t), eq. (eq-x0-from-eps) solved for ε; needs t >= 1."""
+        """ε = (x_t - √ᾱ_t x_0) / √(1-ᾱ_t), eq. :eq:`eq-x0-from-eps` solved for ε; needs t >= 1."""
         check_same_shape(xt=xt, x0=x0)
         t = self._t(t, xt, low=1)
         return (xt - self._coef("sqrt_alpha_bars", t, xt) * x0) / self._coef("sqrt_one_minus_alpha_bars", t, xt)
 
     def v_from_x0_eps(self, x0: Tensor, t: int | Tensor, eps: Tensor) -> Tensor:
-        """v = √ᾱ_t ε - √(1-ᾱ_t) x_0 (Salimans & Ho 2022), eq. (eq-v)."""
+        """v = √ᾱ_t ε - √(1-ᾱ_t) x_0 (Salimans & Ho 2022), eq. :eq:`eq-v`."""
         check_same_shape(x0=x0, eps=eps)
         t = self._t(t, x0)
         return self._coef("sqrt_alpha_bars", t, x0) * eps - self._coef("sqrt_one_minus_alpha_bars", t, x0) * x0
 
     def x0_from_v(self, xt: Tensor, t: int | Tensor, v: Tensor) -> Tensor:
-        """x_0 = √ᾱ_t x_t - √(1-ᾱ_t) v, eq. (eq-v)."""
+        """x_0 = √ᾱ_t x_t - √(1-ᾱ_t) v, eq. :eq:`eq-v`."""
         check_same_shape(xt=xt, v=v)
         t = self._t(t, xt)
         return self._coef("sqrt_alpha_bars", t, xt) * xt - self._coef("sqrt_one_minus_alpha_bars", t, xt) * v
 
     def eps_from_v(self, xt: Tensor, t: int | Tensor, v: Tensor) -> Tensor:
-        """ε = √(1-ᾱ_t) x_t + √ᾱ_t v, eq. (eq-v)."""
+        """ε = √(1-ᾱ_t) x_t + √ᾱ_t v, eq. :eq:`eq-v`."""
         check_same_shape(xt=xt, v=v)
         t = self._t(t, xt)
         return self._coef("sqrt_one_minus_alpha_bars", t, xt) * xt + self._coef("sqrt_alpha_bars", t, xt) * v
@@ -337,7 +340,9 @@ class NoiseSchedule:
     def predict_x0_eps(
         self, xt: Tensor, t: int | Tensor, out: Tensor, prediction: Prediction = "eps"
     ) -> tuple[Tensor, Tensor]:
-        """Turn a model output of kind ``prediction`` ('eps', 'x0' or 'v') into the pair (x̂_0, ε̂)."""
+        """Turn a model output of kind ``prediction`` ('eps', 'x0' or 'v') into the pair (x̂_0, ε̂).
+
+        Eqs. :eq:`eq-x0-from-eps` and :eq:`eq-v`."""
         check_choice("prediction", prediction, PREDICTIONS)
         if prediction == "eps":
             return self.x0_from_eps(xt, t, out), out

@@ -1,6 +1,6 @@
 """Attention: scaled dot-product attention, the one multi-head layer, and the SpatialTransformer (ch. 9).
 
-Cross-attention, eq. (eq-cross-attention): queries come from the image features, keys and values
+Cross-attention, eq. :eq:`eq-cross-attention`: queries come from the image features, keys and values
 from the text context,
 
     Attention(Q, K, V) = softmax(Q Kᵀ / √d) V,   Q = h W_Q,  K = c W_K,  V = c W_V,
@@ -29,7 +29,7 @@ def _check_mask(mask: Tensor, k: Tensor) -> None:
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """softmax(Q Kᵀ / √d) V with an optional key mask, eq. (eq-cross-attention).
+    """softmax(Q Kᵀ / √d) V with an optional key mask, eq. :eq:`eq-cross-attention`.
 
     Shapes: q (B, H, N, d), k and v (B, H, M, d); ``mask`` (B, M) bool, True = a real key, False =
     padding (its weight is exactly 0). Returns ``(out (B, H, N, d), weights (B, H, N, M))``; each
@@ -111,7 +111,7 @@ class SpatialTransformer(nn.Module):
     """Image features attend to themselves and to a text context; the residual keeps the input.
 
     GroupNorm → 1×1 conv in → TransformerBlock over the H·W positions (self-attention, then
-    cross-attention with queries from pixels and keys/values from words, eq. (eq-cross-attention),
+    cross-attention with queries from pixels and keys/values from words, eq. :eq:`eq-cross-attention`,
     then a feed-forward) → 1×1 conv out (zero-initialised, so the block starts as the identity)
     → + input. ``forward(h (B, C, H, W), context (B, K, E), mask (B, K) bool)``.
     """

@@ -5,7 +5,7 @@ L2-normalised, and score every pair of a batch by a cosine similarity times a le
 
     L_ij = s · ⟨f(x_i), g(c_j)⟩,   ‖f(x)‖ = ‖g(c)‖ = 1,   s = exp(min(log_scale, log 100)).
 
-The loss is the *symmetric InfoNCE* (eq-infonce): a cross-entropy over each row of the B×B matrix (image i must
+The loss is the *symmetric InfoNCE* :eq:`eq-infonce`: a cross-entropy over each row of the B×B matrix (image i must
 pick its caption among the B captions) and over each column (caption j must pick its image), averaged.
 
 Ours, at digit scale (:class:`TinyCLIP`):
@@ -183,10 +183,11 @@ class TinyCLIP(nn.Module):
 
 
 def clip_loss(logits: Tensor, positives: Tensor | None = None) -> Tensor:
-    """Symmetric InfoNCE, eq. (eq-infonce), of a (B, B) logit matrix (rows images, columns captions;
+    """Symmetric InfoNCE, eq. :eq:`eq-infonce`, of a (B, B) logit matrix (rows images, columns captions;
     Radford et al. 2021)::
 
-        L = ½ [ −(1/B) Σ_i Σ_j p_ij log softmax_j(L_i·) − (1/B) Σ_j Σ_i q_ij log softmax_i(L_·j) ],
+        L = ½ [ −(1/B) Σ_i Σ_j p_ij log softmax_j(L_i·)
+                −(1/B) Σ_j Σ_i q_ij log softmax_i(L_·j) ],
 
     with p_ij = P_ij / Σ_j P_ij, q_ij = P_ij / Σ_i P_ij for a bool matrix of positives P (default the
     identity: CLIP's one-hot targets). Every row and column of P needs a True.
@@ -229,8 +230,8 @@ def clip_zero_shot_accuracy(clip: TinyCLIP, data, templates: Sequence[str] = ZER
 
 @torch.no_grad()
 def clip_score(clip: TinyCLIP, images: Tensor, prompts: str | Sequence[str]) -> float:
-    """CLIP score: mean over pairs of 100 · max(cos(f(x_i), g(p_i)), 0), the convention of Hessel et al.
-    2021 (with w = 100) and torchmetrics. One prompt (a str) is used for every image."""
+    """CLIP score, eq. :eq:`eq-clip-score`: mean over pairs of 100 · max(cos(f(x_i), g(p_i)), 0), the
+    convention of Hessel et al. 2021 (with w = 100) and torchmetrics. One prompt (a str) is used for every image."""
     prompts = [prompts] * len(images) if isinstance(prompts, str) else list(prompts)
     return float(100 * clip.cosine(images, prompts).clamp(min=0).mean())
 

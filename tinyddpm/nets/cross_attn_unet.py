@@ -1,7 +1,7 @@
 """The cross-attention UNet of latent diffusion (Rombach et al. 2022, Sec. 3.3), at digit scale (ch. 9).
 
 ResBlocks read the timestep embedding; SpatialTransformers read the text context (B, K, E) through
-cross-attention, eq. (eq-cross-attention).
+cross-attention, eq. :eq:`eq-cross-attention`.
 """
 
 from __future__ import annotations

@@ -102,7 +102,7 @@ class ConditionEmbedding(nn.Module):
 
     - Labels: ``nn.Embedding(num_classes + 1, dim)``; index ``num_classes`` is the learned **null
       label** (unconditional), which is also what ``y=None`` means. Classifier-free guidance
-      (eq-cfg) trains with some labels replaced by the null label and contrasts the two outputs.
+      :eq:`eq-cfg` trains with some labels replaced by the null label and contrasts the two outputs.
     - Context: (B, K, context_dim), K vectors (a one-hot or multi-hot vector is K = 1; a sequence of
       token embeddings is K > 1, as for ``CrossAttnUNet``), averaged over K — over the True entries
       of ``context_mask`` (B, K) when given — then a bias-free linear map. So an all-zeros context,

@@ -3,9 +3,11 @@
 Layout (one "level" per entry of ``channel_mults``; level i works at ``image_size / 2**i`` with
 ``base_channels * channel_mults[i]`` channels)::
 
-    x ─ conv_in ─ [ResBlock (+Attention)] × num_res_blocks ─ Downsample ─ ... ─┐  (every output kept)
-                                                                   Res, Attn, Res (middle)
-    out ─ conv_out ─ [ResBlock(concat skip) (+Attention)] × (num_res_blocks+1) ─ Upsample ─ ... ─┘
+    x ─ conv_in ─ [ResBlock (+Attn)] × num_res_blocks ─ Downsample ─ ... ─┐  (outputs kept)
+                                                           Res, Attn, Res (middle)
+    out ─ conv_out ─ [ResBlock(skip) (+Attn)] × (num_res_blocks+1) ─ Upsample ─ ─┘
+
+(``ResBlock(skip)`` reads its input concatenated with the kept output of the same level.)
 
 Every ResBlock reads the embedding e = SiLU(temb(t) + cond(y, context)) — as a scale and shift of
 its normalised features (``time_injection="scale_shift"``, Dhariwal & Nichol 2021) or added to them

@@ -4,10 +4,10 @@ Stable Diffusion's autoencoder maps [B, 3, H, W] to [B, 4, H/8, W/8] (Rombach et
 maps 8×8×1 digits to 4×4×2 latents (one 2× downsampling: an 8× one would leave a single latent
 pixel, and the UNet's spatial inductive bias would be gone). The encoder outputs the mean and
 log-variance of q(z | x) = N(μ(x), diag σ²(x)); training maximises the β-weighted ELBO,
-eq. (eq-vae-elbo),
+eq. :eq:`eq-vae-elbo`,
 
     log p(x) ≥ E_q[log p(x | z)] - KL(q(z | x) ‖ N(0, I)),
-    loss(x) = ‖x - D(z)‖² + β KL,   z = μ + σ ε  (reparameterised, eq-reparam),
+    loss(x) = ‖x - D(z)‖² + β KL,   z = μ + σ ε  (reparameterised, eq. :eq:`eq-reparam`),
 
 with a small β as in LDM's "KL-reg." autoencoders (their β is 1e-6 beside a perceptual loss). The
 latents are then multiplied by ``scale_factor`` = 1 / std(z) measured on the training data, so
@@ -92,13 +92,13 @@ class VAE(nn.Module):
         return self.decoder(z)
 
     def forward(self, x: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor]:
-        """(x̂, μ, log σ²) with x̂ = D(μ + σ ε): the reparameterised sample, eq. (eq-reparam)."""
+        """(x̂, μ, log σ²) with x̂ = D(μ + σ ε): the reparameterised sample, eq. :eq:`eq-reparam`."""
         mean, logvar = self.encode(x)
         eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
         return self.decode(mean + (0.5 * logvar).exp() * eps), mean, logvar
 
     def loss(self, x: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor]:
-        """The negative β-ELBO, eq. (eq-vae-elbo), averaged over the batch: (loss, sq. error, KL)."""
+        """The negative β-ELBO, eq. :eq:`eq-vae-elbo`, averaged over the batch: (loss, sq. error, KL)."""
         x_hat, mean, logvar = self(x, generator)
         rec = (x - x_hat).pow(2).flatten(1).sum(1)
         kl = kl_standard_normal(mean, logvar)

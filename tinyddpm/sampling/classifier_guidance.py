@@ -1,14 +1,14 @@
 """Classifier guidance (Dhariwal & Nichol 2021): steer an unconditional ε-model with a classifier's gradient.
 
 To sample the tilted density q_t(x) q_t(y | x)^w, follow its score ∇ log q_t(x) + w ∇ log q_t(y | x).
-The ε-model is a scaled score, ε = -√(1-ᾱ_t) ∇ log q_t(x) (eq-score-eps), so the guided ε is
+The ε-model is a scaled score, ε = -√(1-ᾱ_t) ∇ log q_t(x) :eq:`eq-score-eps`, so the guided ε is
 
     ε̂(x_t, t) = ε_θ(x_t, t) - w √(1-ᾱ_t) ∇_{x_t} log p_φ(y | x_t, t)
 
 (Dhariwal & Nichol 2021, Algorithm 2 and Sec. 4.2, their ε̂; the sign because score = -ε/√(1-ᾱ)).
 w = 1 with the exact class posterior gives the exact conditional ε; on the oracle,
 :meth:`tinyddpm.ClassMixture.class_log_prob_grad` is that exact gradient. Compare classifier-free
-guidance, (eq-cfg), where ε_c - ε_u plays the role of -√(1-ᾱ) ∇ log q_t(y | x).
+guidance, :eq:`eq-cfg`, where ε_c - ε_u plays the role of -√(1-ᾱ) ∇ log q_t(y | x).
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def classifier_guidance(
     model: Callable[..., Tensor], s: NoiseSchedule, grad_fn: GradFn, scale: float,
 ) -> Callable[..., Tensor]:
     """An ε-model ``fn(x_t, t, **cond) = ε_θ(x_t, t, **cond) - scale · √(1-ᾱ_t) · grad_fn(x_t, t)``,
-    eq. (eq-classifier-guidance) with the class term weighted by ``scale``.
+    eq. :eq:`eq-classifier-guidance` with the class term weighted by ``scale``.
 
     ``grad_fn(x_t, t)`` returns ∇_{x_t} log p(y | x_t) shaped like x_t (the label is bound inside it):
     the exact one from :meth:`tinyddpm.ClassMixture.class_log_prob_grad`, or a noisy-image

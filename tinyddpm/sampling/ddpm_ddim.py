@@ -47,7 +47,7 @@ def ddpm_step_x0(
     s: NoiseSchedule, xt: Tensor, t: int | Tensor, x0: Tensor, noise: Tensor | None,
     variance: Variance = "beta_tilde",
 ) -> Tensor:
-    """x_{t-1} ~ N(μ̃_t(x_t, x̂_0), σ_t² I) given an estimate x̂_0, eq. (eq-ddpm-step).
+    """x_{t-1} ~ N(μ̃_t(x_t, x̂_0), σ_t² I) given an estimate x̂_0, eq. :eq:`eq-ddpm-step`.
 
     σ_t² is β̃_t (``"beta_tilde"``, the true posterior variance) or β_t (``"beta"``). No noise
     is added at t = 1, where x_0 is returned as the posterior mean (DDPM Algorithm 2, line 3).
@@ -67,7 +67,7 @@ def ddpm_step(
     s: NoiseSchedule, xt: Tensor, t: int | Tensor, eps: Tensor, noise: Tensor | None,
     variance: Variance = "beta_tilde", clip_x0: bool | float = False,
 ) -> Tensor:
-    """One ancestral step x_t -> x_{t-1} from a predicted ε, eq. (eq-ddpm-step).
+    """One ancestral step x_t -> x_{t-1} from a predicted ε, eq. :eq:`eq-ddpm-step`.
 
     Equivalent to Algorithm 2's  x_{t-1} = (x_t - β_t/√(1-ᾱ_t) ε) / √α_t + σ_t z  when x̂_0 is not
     clipped. ``noise=None`` returns the mean (no z); ``clip_x0`` clamps x̂_0 to [-1, 1] (or ±value).
@@ -82,7 +82,7 @@ def _on(a: Tensor, t: int | Tensor) -> Tensor:
 
 
 def ddim_sigma(s: NoiseSchedule, t: int | Tensor, t_prev: int | Tensor, eta: float) -> Tensor:
-    """σ_t(η) = η √((1-ᾱ_prev)/(1-ᾱ_t)) √(1 - ᾱ_t/ᾱ_prev), DDIM eq. 16 — (eq-ddim-sigma)."""
+    """σ_t(η) = η √((1-ᾱ_prev)/(1-ᾱ_t)) √(1 - ᾱ_t/ᾱ_prev), DDIM eq. 16 — :eq:`eq-ddim-sigma`."""
     a = _on(s.alpha_bars, t)
     ab, ab_prev = a[t], a[t_prev]
     return eta * ((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev)).clamp(min=0).sqrt()
@@ -92,7 +92,7 @@ def ddim_step_x0_eps(
     s: NoiseSchedule, xt: Tensor, t: int | Tensor, t_prev: int | Tensor, x0: Tensor, eps: Tensor,
     eta: float = 0.0, noise: Tensor | None = None,
 ) -> Tensor:
-    """x_prev = √ᾱ_prev x̂_0 + √(1-ᾱ_prev-σ²) ε̂ + σ z, DDIM eq. 12 — (eq-ddim-step).
+    """x_prev = √ᾱ_prev x̂_0 + √(1-ᾱ_prev-σ²) ε̂ + σ z, DDIM eq. 12 — :eq:`eq-ddim-step`.
 
     ``t_prev`` may be any step below ``t``; t_prev = 0 returns x̂_0 (ᾱ_0 = 1, σ = 0).
     """
@@ -127,7 +127,7 @@ def ddim_step(
     s: NoiseSchedule, xt: Tensor, t: int | Tensor, t_prev: int | Tensor, eps: Tensor,
     eta: float = 0.0, noise: Tensor | None = None, clip_x0: bool | float = False,
 ) -> Tensor:
-    """One DDIM step from a predicted ε, eq. (eq-ddim-step); η = 0 is deterministic, η = 1 is DDPM-like."""
+    """One DDIM step from a predicted ε, eq. :eq:`eq-ddim-step`; η = 0 is deterministic, η = 1 is DDPM-like."""
     x0 = _clip(s.x0_from_eps(xt, t, eps), clip_x0)
     if clip_x0 is not False and clip_x0 is not None:
         eps = s.eps_from_x0(xt, t, x0)
@@ -183,7 +183,7 @@ def ddpm_sample(
     t_start: int | None = None,
     x_T: Tensor | None = None, device: torch.device | str | None = None, trajectory: list[Tensor] | None = None,
 ) -> Tensor:
-    """Ancestral sampling, DDPM Algorithm 2: x_T ~ N(0, I), then T steps of (eq-ddpm-step).
+    """Ancestral sampling, DDPM Algorithm 2: x_T ~ N(0, I), then T steps of :eq:`eq-ddpm-step`.
 
     The common keywords (``x_T``, ``generator``, ``device``, ``trajectory``) are described in
     :mod:`tinyddpm.sampling.common`; ``trajectory=[]`` receives [x_T, x_{T-1}, ..., x_0] (on CPU).
@@ -211,7 +211,7 @@ def ddim_sample(
     t_start: int | None = None,
     x_T: Tensor | None = None, device: torch.device | str | None = None, trajectory: list[Tensor] | None = None,
 ) -> Tensor:
-    """DDIM sampling over ``ddim_timesteps(T, steps, spacing)`` (steps default 50), eq. (eq-ddim-step) at each step.
+    """DDIM sampling over ``ddim_timesteps(T, steps, spacing)`` (steps default 50), eq. :eq:`eq-ddim-step` at each step.
 
     ``t_start`` (default T) runs the same grid on [1, t_start] instead, ``ddim_timesteps(t_start,
     steps, spacing)``, with ``x_T`` the point at step t_start (SDEdit, :func:`tinyddpm.img2img`).
@@ -254,7 +254,7 @@ def ddim_invert(
     model: Model, s: NoiseSchedule, x0: Tensor, *, steps: int = 50, spacing: Spacing = "trailing",
     prediction: Prediction = "eps", trajectory: list[Tensor] | None = None,
 ) -> Tensor:
-    """Deterministic encoding x_0 -> x_T by running the η = 0 update (eq-ddim-step) upwards.
+    """Deterministic encoding x_0 -> x_T by running the η = 0 update :eq:`eq-ddim-step` upwards.
 
     ``ddim_sample(..., x_T=ddim_invert(...), eta=0)`` decodes back to x_0 up to discretisation error.
     Runs on x0's device; ``trajectory=[]`` receives [x_0, x_{t_1}, ..., x_T] (on CPU).

@@ -42,7 +42,7 @@ def predict_at(
     """(x̂_0, ε̂) from one model call at step t whose ᾱ is ``alpha_bar`` (a Python float, no GPU read).
 
     eps: x̂_0 = (x - √(1-ᾱ) ε̂)/√ᾱ;  x0: ε̂ = (x - √ᾱ x̂_0)/√(1-ᾱ);  v: x̂_0 = √ᾱ x - √(1-ᾱ) v̂,
-    ε̂ = √(1-ᾱ) x + √ᾱ v̂ (Salimans & Ho 2022), eq. (eq-v). ``clip_x0`` clamps x̂_0 and recomputes ε̂.
+    ε̂ = √(1-ᾱ) x + √ᾱ v̂ (Salimans & Ho 2022), eq. :eq:`eq-v`. ``clip_x0`` clamps x̂_0 and recomputes ε̂.
     """
     out = call_model(model, x, t)
     a, sg = math.sqrt(alpha_bar), math.sqrt(1.0 - alpha_bar)

@@ -6,7 +6,7 @@ denoiser maps data to data, and inpainting should sample :meth:`tinyddpm.Gaussia
 the exact law of the unknown coordinates given the known ones.
 
 - **SDEdit** (Meng et al. 2022): noise the input to an intermediate step t₀ with the forward
-  process, x_{t₀} = √ᾱ_{t₀} x + √(1-ᾱ_{t₀}) ε (eq-forward-closed), then run the reverse process from
+  process, x_{t₀} = √ᾱ_{t₀} x + √(1-ᾱ_{t₀}) ε :eq:`eq-forward-closed`, then run the reverse process from
   t₀. The larger ``strength`` = t₀/T, the more of x is forgotten.
 - **RePaint** (Lugmayr et al. 2022, Algorithm 1): at every reverse step, the known entries of x_{t-1}
   are replaced by a fresh draw of q(x_{t-1} | x_known) and the unknown ones follow the model's step.
@@ -58,7 +58,7 @@ def img2img(
     generator: torch.Generator | None = None, device: torch.device | str | None = None,
     trajectory: list[Tensor] | None = None, **sampler_kw,
 ) -> Tensor:
-    """SDEdit (Meng et al. 2022), eq. (eq-sdedit): noise x to t₀ = round(strength·T) by (eq-forward-closed),
+    """SDEdit (Meng et al. 2022), eq. :eq:`eq-sdedit`: noise x to t₀ = round(strength·T) by :eq:`eq-forward-closed`,
     then denoise from t₀.
 
     The reverse run visits ``ddim_timesteps(t₀, n, spacing)``, n = max(1, round(strength · steps))
@@ -148,16 +148,16 @@ def inpaint(
     device: torch.device | str | None = None, trajectory: list[Tensor] | None = None,
 ) -> Tensor:
     """Fill in the entries of x_known where ``mask`` is False: RePaint (Lugmayr et al. 2022, Algorithm 1),
-    eq. (eq-repaint).
+    eq. :eq:`eq-repaint`.
 
     ``mask`` is a bool tensor broadcastable to x_known ((B, D) points or (B, C, H, W) images),
     True where known; x_known's other entries are ignored. Each reverse step t -> t' on the grid
     (every step T, ..., 1 when ``steps`` is None, else ``ddim_timesteps(T, steps, spacing)``):
 
     1. the model's step for all entries: ``"ddpm"`` draws from q(x_t' | x_t, x̂_0)
-       (eq-ddpm-step; DDIM's η = 1, the same update on a strided grid), ``"ddim"`` uses η = ``eta``
-       (default 0), eq. (eq-ddim-step);
-    2. the known entries are replaced by a fresh draw √ᾱ_t' x_known + √(1-ᾱ_t') ε (eq-forward-closed);
+       (eq. :eq:`eq-ddpm-step`; DDIM's η = 1, the same update on a strided grid), ``"ddim"`` uses η = ``eta``
+       (default 0), eq. :eq:`eq-ddim-step`;
+    2. the known entries are replaced by a fresh draw √ᾱ_t' x_known + √(1-ᾱ_t') ε :eq:`eq-forward-closed`;
     3. ``resample`` = U > 1: at the jump points of :func:`repaint_path` the whole x goes back up
        ``jump_length`` levels with the forward kernel x_b = √(ᾱ_b/ᾱ_a) x_a + √(1-ᾱ_b/ᾱ_a) z and is
        denoised again, U passes in all, so the unknown part adapts to the known one.

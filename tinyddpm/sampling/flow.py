@@ -29,7 +29,8 @@ def flow_sample(
     solver: FlowSolver = "euler", generator: torch.Generator | None = None, x_T: Tensor | None = None,
     device: torch.device | str | None = None, trajectory: list[Tensor] | None = None,
 ) -> Tensor:
-    """Solve dx/dt = v(x, t) from t = 1 (x = x_T ~ N(0, I)) to t = 0 on the uniform grid t_i = 1 - i/n.
+    """Solve dx/dt = v(x, t) from t = 1 (x = x_T ~ N(0, I)) to t = 0 on the uniform grid t_i = 1 - i/n,
+    eq. :eq:`eq-flow-solvers`.
 
     ``model(x, t)`` gets t as a float tensor of shape (B,) in [0, 1]. Per step t → t' (h = t' - t < 0):
 

@@ -3,14 +3,14 @@
 What ``tinyddpm sample`` and :meth:`tinyddpm.Checkpoint.sample` run. The checkpoint supplies the
 network, its schedule, what it predicts and the objective it was trained with; this module supplies
 the sampler's arguments (checked once, before any work), the classifier-free-guidance wiring (eq.
-eq-cfg) and the chunking that keeps memory bounded whatever the number of samples.
+:eq:`eq-cfg`) and the chunking that keeps memory bounded whatever the number of samples.
 
 The objective decides which samplers fit (:data:`DEFAULT_SAMPLERS`):
 
 - ``"diffusion"`` (ε, x_0 or v network): every VP sampler of :data:`tinyddpm.SAMPLERS`; DDIM by default;
-- ``"edm"`` (EDM-preconditioned network, eq. eq-edm-precond): wrapped as an ε-model, so every VP
+- ``"edm"`` (EDM-preconditioned network, eq. :eq:`eq-edm-precond`): wrapped as an ε-model, so every VP
   sampler works (EDM's own Heun included); DDIM by default;
-- ``"flow"`` (a velocity network, eq. eq-flow-target): the ODE solvers of :func:`tinyddpm.flow_sample`,
+- ``"flow"`` (a velocity network, eq. :eq:`eq-flow-target`): the ODE solvers of :func:`tinyddpm.flow_sample`,
   ``"euler"`` (default) or ``"heun"``.
 
 Default steps give about 50 network calls: 50 steps, or 25 for the two-call Heun steps.
@@ -89,7 +89,7 @@ def checkpoint_denoiser(
     """``model(x_t, t)`` for the samplers.
 
     A conditional model gets class ``y`` (int or (B,) labels) with classifier-free guidance weight
-    ``guidance`` (eq. eq-cfg; default :data:`~tinyddpm.sampling.guidance.DEFAULT_LABEL_GUIDANCE`,
+    ``guidance`` (eq. :eq:`eq-cfg`; default :data:`~tinyddpm.sampling.guidance.DEFAULT_LABEL_GUIDANCE`,
     the CLI's default too; 1 = plain conditional), or the null label when y is None. An EDM network
     comes back as an ε-model; a flow network as a velocity model v(x, t), t ∈ [0, 1] (guidance then
     combines velocities, which are affine in ε̂ at fixed (x, t)).

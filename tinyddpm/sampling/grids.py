@@ -32,7 +32,7 @@ def _check_range(sigma_min: float, sigma_max: float) -> tuple[float, float]:
 def karras_sigmas(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> Tensor:
     """EDM's grid, Karras et al. (2022) eq. 5: σ_i = (σ_max^{1/ρ} + i/(n-1) (σ_min^{1/ρ} - σ_max^{1/ρ}))^ρ.
 
-    Book eq. (eq-karras-grid), chapter 13. i = 0..n-1, so σ_0 = σ_max and σ_{n-1} = σ_min; ρ = 7 spends
+    Book eq. :eq:`eq-karras-grid`, chapter 13. i = 0..n-1, so σ_0 = σ_max and σ_{n-1} = σ_min; ρ = 7 spends
     most steps at low noise (the last step's ratio in ln σ is (σ_max/σ_min)^{1/ρ} times the first's). Returns a
     descending float64 tensor of length n **without** the final 0 (the sampler appends it). n = 1
     gives [σ_max].

@@ -3,7 +3,7 @@
 Ho & Salimans (2022) train one network on (x_t, t, y) with y replaced by a "null" label 10-20 % of
 the time, so the same network predicts both ε(x_t, t, y) and ε(x_t, t, ∅). At sampling time
 
-    ε̃ = ε_u + w (ε_c - ε_u),     ε_u = ε(x_t, t, ∅),  ε_c = ε(x_t, t, y),        (eq-cfg)
+    ε̃ = ε_u + w (ε_c - ε_u),     ε_u = ε(x_t, t, ∅),  ε_c = ε(x_t, t, y),        :eq:`eq-cfg`
 
 which is the ε of the tilted density p(x_t) p(y | x_t)^w: w = 0 samples p(x) (unconditional),
 w = 1 samples p(x | y) (plain conditional), w > 1 sharpens towards points that are
@@ -35,7 +35,7 @@ DEFAULT_PROMPT_GUIDANCE = 3.0   # text prompts (chapter 9)
 
 
 def cfg_combine(eps_u: Tensor, eps_c: Tensor, guidance: float) -> Tensor:
-    """ε̃ = ε_u + w (ε_c - ε_u) with w = ``guidance``, eq. (eq-cfg); w = 0 is unconditional, w = 1 conditional."""
+    """ε̃ = ε_u + w (ε_c - ε_u) with w = ``guidance``, eq. :eq:`eq-cfg`; w = 0 is unconditional, w = 1 conditional."""
     w = check_nonneg_float("guidance", guidance)
     return eps_u + w * (eps_c - eps_u)
 
@@ -52,7 +52,7 @@ def _rows(name: str, v: Tensor, batch: int) -> Tensor:
 def cfg_model(
     model: Callable[..., Tensor], cond: Mapping[str, Tensor], null: Mapping[str, Tensor], guidance: float,
 ) -> Callable[[Tensor, Tensor], Tensor]:
-    """The one classifier-free-guidance batcher, eq. (eq-cfg): ``model(x, t, **cond)`` vs ``model(x, t, **null)``.
+    """The one classifier-free-guidance batcher, eq. :eq:`eq-cfg`: ``model(x, t, **cond)`` vs ``model(x, t, **null)``.
 
     ``cond`` and ``null`` map keyword names (``y``, ``context``, ``mask``, ...) to tensors with B rows
     (or 1 row, broadcast). Both passes run as ONE forward on the doubled batch [x; x] with
@@ -103,7 +103,7 @@ def guided_model(
     model: Callable[..., Tensor], y: int | Tensor, guidance: float, *, num_classes: int | None = None,
     null_label: int | Tensor | None = None, keyword: Keyword = "y",
 ) -> Callable[[Tensor, Tensor], Tensor]:
-    """Turn a conditional ``model(x, t, y=...)`` into a guided ``model(x, t)`` for any sampler, eq. (eq-cfg).
+    """Turn a conditional ``model(x, t, y=...)`` into a guided ``model(x, t)`` for any sampler, eq. :eq:`eq-cfg`.
 
     - ``keyword="y"``: ``y`` is a class label (int or (B,) LongTensor) in [0, num_classes);
       ``null_label`` (default ``num_classes``, the extra embedding row) marks "no label".

@@ -6,7 +6,7 @@ VP model is called at x_t = x̄ / √(1 + σ²) and fractional t = ``s.t_from_si
 takes an Euler step, evaluates the slope at its end and averages the two slopes: second order,
 two model calls per step, except the last step to σ = 0 where the slope (x̄ - D)/σ is undefined
 and the Euler step (x̄ → D(x̄; σ_{n-1})) is kept: NFE = 2n - 1 (EDM: 18 steps, 35 NFE). Book eqs.
-(eq-heun) and (eq-heun-ratio), chapter 13: the correction is the Euler step minus
+:eq:`eq-heun` and :eq:`eq-heun-ratio`, chapter 13: the correction is the Euler step minus
 ½(σ_i/σ_{i+1} - 1)·ΔD, so a coarse grid whose last steps have a large σ ratio amplifies the
 denoiser's change — why Heun loses to DDIM below ~20 NFE on the linear schedule.
 """
@@ -27,7 +27,8 @@ from .grids import check_sigmas, karras_sigmas, sigma_range
 
 
 def churn_gamma(sigma: float, n: int, s_churn: float, s_tmin: float, s_tmax: float) -> float:
-    """γ_i = min(S_churn / n, √2 - 1) if σ_i ∈ [S_tmin, S_tmax], else 0 (Karras et al. 2022, Algorithm 2)."""
+    """γ_i = min(S_churn / n, √2 - 1) if σ_i ∈ [S_tmin, S_tmax], else 0, eq. :eq:`eq-churn`
+    (Karras et al. 2022, Algorithm 2)."""
     return min(s_churn / n, math.sqrt(2.0) - 1.0) if s_tmin <= sigma <= s_tmax else 0.0
 
 
@@ -43,7 +44,7 @@ def heun_sample(
 
     Grid: ``karras_sigmas(steps, σ_1, σ_max, rho)`` of the schedule (``steps`` defaults to 18;
     σ_max = σ_T, or σ_{T-1} at zero terminal SNR), or any descending ``sigmas=``; then σ = 0.
-    Per step i (σ_i → σ_{i+1}), following the algorithm's lines:
+    Per step i (σ_i → σ_{i+1}), following the algorithm's lines::
 
         γ = min(S_churn/n, √2 - 1) on [S_tmin, S_tmax];  σ̂ = (1 + γ) σ_i
         x̂ = x̄_i + √(σ̂² - σ_i²) S_noise z                      (churn: raise the noise level)

@@ -1,20 +1,22 @@
-"""Faster samplers as ODE/SDE solvers, (book chapter 10); the registry is :mod:`tinyddpm.sampling.registry`.
+"""Faster samplers as ODE/SDE solvers (book chapter 10); the registry is :mod:`tinyddpm.sampling.registry`.
 
-Notation. α_t := √ᾱ_t and σ_t := √(1-ᾱ_t), so x_t = α_t x_0 + σ_t ε. Karras et al. (2022) divide
-by α_t: with  x̄ := x_t / α_t  and  σ̃_t := σ_t / α_t = √((1-ᾱ_t)/ᾱ_t)  the forward process is
-x̄ = x_0 + σ̃ ε (a pure "variance exploding" noise level), and the probability-flow ODE of
-Song et al. (2021b) becomes, eq. (eq-prob-flow-ode),
+Notation as in the book: α_t = 1 - β_t and ᾱ_t = ∏_{s≤t} α_s (chapters 2-7), so
+x_t = √ᾱ_t x_0 + √(1-ᾱ_t) ε. Karras et al. (2022) :cite:p:`karras2022edm` divide by √ᾱ_t: with
+x̄ := x_t / √ᾱ_t and σ̃_t := √((1-ᾱ_t)/ᾱ_t) the forward process is x̄ = x_0 + σ̃ ε (a pure
+"variance exploding" noise level), and the probability-flow ODE of Song et al. (2021)
+:cite:p:`song2021sde` becomes, eq. :eq:`eq-prob-flow-ode`,
 
-    dx̄/dσ̃ = ε̂(α x̄, t(σ̃)) = (x̄ - x̂_0) / σ̃        (Karras et al. 2022, eq. 4 with s = 1).
+    dx̄/dσ̃ = ε̂(√ᾱ_t x̄, t(σ̃)) = (x̄ - x̂_0) / σ̃        (Karras et al. 2022, eq. 4 with s = 1).
 
 DDIM with η = 0 is exactly Euler's method on this ODE: x̄_prev = x̄_t + (σ̃_prev - σ̃_t) ε̂ is
-DDIM's eq. 12 divided by α_prev (Song et al. 2021a, eq. 13-15). The samplers here use the same
-timestep grids as DDIM (:func:`tinyddpm.ddim_timesteps`): each step lands on the next selected t,
-and the last goes to t = 0 (ᾱ = 1, σ̃ = 0), returning the denoised x̂_0. Every sampler takes
-``model(x_t, t) -> prediction`` with t a (B,) LongTensor, like :func:`tinyddpm.ddim_sample`;
-DPM-Solver++(2M) also runs on any grid of noise levels (``sigmas=``, :mod:`tinyddpm.sampling.grids`),
-calling the model at fractional t (a float tensor), like EDM's Heun (:mod:`tinyddpm.sampling.heun`).
-The common keywords (x_T, generator, device, trajectory) are :mod:`tinyddpm.sampling.common`'s.
+DDIM's eq. 12 divided by √ᾱ_prev (Song et al. 2021, DDIM :cite:p:`song2021ddim`, eqs. 13-15). The
+samplers here use the same timestep grids as DDIM (:func:`tinyddpm.ddim_timesteps`): each step lands
+on the next selected t, and the last goes to t = 0 (ᾱ = 1, σ̃ = 0), returning the denoised x̂_0.
+Every sampler takes ``model(x_t, t) -> prediction`` with t a (B,) LongTensor, like
+:func:`tinyddpm.ddim_sample`; DPM-Solver++(2M) also runs on any grid of noise levels (``sigmas=``,
+:mod:`tinyddpm.sampling.grids`), calling the model at fractional t (a float tensor), like EDM's Heun
+(:mod:`tinyddpm.sampling.heun`). The common keywords (x_T, generator, device, trajectory) are
+:mod:`tinyddpm.sampling.common`'s.
 """
 
 from __future__ import annotations
@@ -42,21 +44,21 @@ def _check_finite_snr(alpha_bars: list[float], sampler: str) -> None:
 
 
 def ancestral_sigmas(sigma: float, sigma_next: float, eta: float = 1.0) -> tuple[float, float]:
-    """Split a step σ̃ -> σ̃_next into a deterministic part σ_down and fresh noise σ_up (eq-euler-ancestral).
+    """Split a step σ̃ -> σ̃_next into a deterministic part σ_down and fresh noise σ_up :eq:`eq-euler-ancestral`.
 
     σ_up = η √(σ̃_next² (σ̃² - σ̃_next²) / σ̃²)  (clipped at σ̃_next),  σ_down = √(σ̃_next² - σ_up²),
     so that σ_down² + σ_up² = σ̃_next²: the sample lands on the right noise level. With η = 1, σ_up
-    is DDIM's σ_t(η = 1) of eq. 16 divided by α_prev, i.e. the DDPM posterior's noise.
+    is DDIM's σ_t(η = 1) of eq. 16 divided by √ᾱ_prev, i.e. the DDPM posterior's noise.
     """
     up = min(sigma_next, eta * math.sqrt(max(sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2, 0.0)))
     return math.sqrt(max(sigma_next**2 - up**2, 0.0)), up
 
 
 def dpmpp_2m_weights(h: float, h_prev: float | None) -> tuple[float, float]:
-    """Weights (a, b) of D = a x̂_0(t_i) + b x̂_0(t_{i-1}) in DPM-Solver++(2M) (eq-dpmpp-2m).
+    """Weights (a, b) of D = a x̂_0(t_i) + b x̂_0(t_{i-1}) in DPM-Solver++(2M) :eq:`eq-dpmpp-2m`.
 
-    r = h_prev / h; a = 1 + 1/(2r), b = -1/(2r) (Lu et al. 2022b, Algorithm 2). Without a previous
-    evaluation (first step) D = x̂_0: the first-order update, which is DDIM.
+    r = h_prev / h; a = 1 + 1/(2r), b = -1/(2r) (Algorithm 2 of :cite:t:`lu2022dpmsolverpp`).
+    Without a previous evaluation (first step) D = x̂_0: the first-order update, which is DDIM.
     """
     if h_prev is None:
         return 1.0, 0.0
@@ -71,16 +73,16 @@ def euler_ancestral_sample(
     generator: torch.Generator | None = None, clip_x0: bool | float = False, prediction: Prediction = "eps",
     x_T: Tensor | None = None, device: torch.device | str | None = None, trajectory: list[Tensor] | None = None,
 ) -> Tensor:
-    """Euler-ancestral sampling in Karras' σ̃ parametrisation, eq. (eq-euler-ancestral).
+    """Euler-ancestral sampling in Karras' σ̃ parametrisation, eq. :eq:`eq-euler-ancestral`.
 
-    Per step t -> t_prev, with x̄ = x_t / α_t, d = (x̄ - x̂_0)/σ̃_t = ε̂ (the ODE's slope) and
+    Per step t -> t_prev, with x̄ = x_t / √ᾱ_t, d = (x̄ - x̂_0)/σ̃_t = ε̂ (the ODE's slope) and
     (σ_down, σ_up) from :func:`ancestral_sigmas`:
 
         x̄_prev = x̄ + (σ_down - σ̃_t) d + σ_up z,    z ~ N(0, I)
 
     (Karras et al. 2022, Sec. 3 and Algorithm 2's ancestral variant; k-diffusion's "Euler a").
     Since x̄ + (σ_down - σ̃_t) ε̂ = x̂_0 + σ_down ε̂ and σ_down² = σ̃_prev² - σ_up², multiplying by
-    α_prev gives DDIM's eq. 12 with σ = α_prev σ_up: Euler-ancestral with η is DDIM with the same η,
+    √ᾱ_prev gives DDIM's eq. 12 with σ = √ᾱ_prev σ_up: Euler-ancestral with η is DDIM with the same η,
     written in other variables (the book checks this numerically). NFE = number of steps.
     Grid: the schedule's ``steps`` (default 50) or any descending ``sigmas=``, then σ̃ = 0.
     Common keywords: :mod:`tinyddpm.sampling.common` (the trajectory holds x_t at VP scale).
@@ -90,9 +92,9 @@ def euler_ancestral_sample(
     grid = schedule_grid(s, steps, spacing, sigmas, default_steps=50)
     _check_finite_snr([ab for _, ab in grid], "euler_ancestral_sample")
     x, noise = start(model, shape, generator=generator, device=device, x_T=x_T, trajectory=trajectory)
-    xbar = x / math.sqrt(grid[0][1])                                         # x̄_T = x_T / α_T
+    xbar = x / math.sqrt(grid[0][1])                                         # x̄_T = x_T / √ᾱ_T
     for (t, ab), (_, ab_prev) in zip(grid, grid[1:] + [(0, 1.0)], strict=True):
-        _, eps = predict_at(model, math.sqrt(ab) * xbar, t, ab, prediction, clip_x0)  # 1. model sees α x̄
+        _, eps = predict_at(model, math.sqrt(ab) * xbar, t, ab, prediction, clip_x0)  # 1. model sees √ᾱ x̄
         sig, sig_next = math.sqrt((1 - ab) / ab), math.sqrt((1 - ab_prev) / ab_prev)
         down, up = ancestral_sigmas(sig, sig_next, eta)                       # 2. split the step
         xbar = xbar + (down - sig) * eps                                      # 3. Euler to σ_down
@@ -103,7 +105,7 @@ def euler_ancestral_sample(
 
 
 def _log_snr_half(alpha_bar: float) -> float:
-    """λ = log(α/σ) = ½ (log ᾱ - log(1-ᾱ)); -∞ at ᾱ = 0 (zero terminal SNR), +∞ at ᾱ = 1."""
+    """λ = log(√ᾱ/√(1-ᾱ)) = ½ (log ᾱ - log(1-ᾱ)); -∞ at ᾱ = 0 (zero terminal SNR), +∞ at ᾱ = 1."""
     if alpha_bar <= 0.0:
         return -math.inf
     if alpha_bar >= 1.0:
@@ -118,15 +120,16 @@ def dpmpp_2m_sample(
     generator: torch.Generator | None = None, clip_x0: bool | float = False, prediction: Prediction = "eps",
     x_T: Tensor | None = None, device: torch.device | str | None = None, trajectory: list[Tensor] | None = None,
 ) -> Tensor:
-    """DPM-Solver++(2M): second-order multistep in λ = log(α/σ), data-prediction form, eq. (eq-dpmpp-2m).
+    """DPM-Solver++(2M): second-order multistep in λ = ½ log(ᾱ/(1-ᾱ)), data-prediction form, eq. :eq:`eq-dpmpp-2m`.
 
-    The probability-flow ODE in x̂_0 form has the exact solution (Lu et al. 2022b, eq. 9)
-    x_{t'} = (σ_{t'}/σ_t) x_t + σ_{t'} ∫_{λ_t}^{λ_{t'}} e^λ x̂_0(λ) dλ. Taking x̂_0 constant over the
+    The probability-flow ODE in x̂_0 form has the exact solution (eq. 9 of :cite:t:`lu2022dpmsolverpp`),
+    writing a_t := √ᾱ_t and s_t := √(1-ᾱ_t) for the signal and noise scales only here,
+    x_{t'} = (s_{t'}/s_t) x_t + s_{t'} ∫_{λ_t}^{λ_{t'}} e^λ x̂_0(λ) dλ. Taking x̂_0 constant over the
     step gives the first-order update (DDIM); taking it linear in λ through the current and the
     previous evaluations gives, with h = λ_prev - λ_t and r = h_last / h (Algorithm 2),
 
         D = (1 + 1/(2r)) x̂_0(t) - 1/(2r) x̂_0(t_last),
-        x_prev = (σ_prev/σ_t) x_t - α_prev (e^{-h} - 1) D.
+        x_prev = (s_prev/s_t) x_t - a_prev (e^{-h} - 1) D.
 
     The first step has no history (first order) and the last one goes to σ = 0 (λ = ∞), where
     the update is x_0 = x̂_0. NFE = number of steps; the second-order term costs no extra call.
@@ -134,7 +137,7 @@ def dpmpp_2m_sample(
     Grid: the schedule's steps ``ddim_timesteps(T, steps, spacing)`` (``steps`` defaults to 20), or
     any descending VE noise levels ``sigmas=`` (e.g. :func:`tinyddpm.karras_sigmas`; the model is then
     called at fractional t = ``s.t_from_sigma(σ)``), the last step going to σ = 0. At zero terminal
-    SNR (ᾱ_T = 0, λ_T = -∞) the first step is exact: e^{-h} = 0, x_prev = σ_prev x_T + α_prev x̂_0
+    SNR (ᾱ_T = 0, λ_T = -∞) the first step is exact: e^{-h} = 0, x_prev = s_prev x_T + a_prev x̂_0
     (diffusers instead clamps ᾱ_T to 2^-24 inside the log); an ε-model is refused there.
     """
     check_choice("prediction", prediction, PREDICTIONS)
@@ -170,7 +173,7 @@ def plms_sample(
 ) -> Tensor:
     """PNDM's pseudo linear multistep (Liu et al. 2022, eq. 12): DDIM's transfer with an AB4 ε.
 
-    Each step applies the η = 0 DDIM update (eq-ddim-step) with the combined noise
+    Each step applies the η = 0 DDIM update :eq:`eq-ddim-step` with the combined noise
     ε' = (55 ε_t - 59 ε_{t+1} + 37 ε_{t+2} - 9 ε_{t+3}) / 24 of the last four evaluations (the
     fourth-order Adams–Bashforth formula on an equally spaced grid). Warm-up as in Stable Diffusion's
     PLMS: the first step is improved Euler (ε' = (ε_t + ε(x_prev, t_prev))/2, one extra model call),

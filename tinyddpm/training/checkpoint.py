@@ -6,8 +6,9 @@ A run directory looks like::
         latest                 # text file: "step_000400"
         step_000300/ step_000400/
             model.safetensors  # raw weights θ (safetensors: plain tensors, no code)
-            ema.safetensors    # EMA weights θ̄, eq. (eq-ema)
-            config.json        # model kind + config, schedule, diffusion/train configs, data info, step
+            ema.safetensors    # EMA weights θ̄, eq. :eq:`eq-ema`
+            config.json        # model kind + config, schedule, diffusion/train configs,
+                               # data info, step
             state.pt           # optimiser, EMA counters, RNG states (torch.load(weights_only=True))
 
 A step directory is first written under a hidden temporary name in the same parent, every file

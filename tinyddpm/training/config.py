@@ -42,7 +42,7 @@ def _check_unit(name: str, value: Any, *, closed_right: bool) -> float:
 class DiffusionConfig(Config):
     """The forward process: a named β schedule (eqs. ``eq-schedule-*``), T steps, what the network predicts.
 
-    ``zero_terminal_snr`` rescales the schedule so that ᾱ_T = 0 (eq. eq-zero-snr); pair it with
+    ``zero_terminal_snr`` rescales the schedule so that ᾱ_T = 0 (eq. :eq:`eq-zero-snr`); pair it with
     ``prediction="v"`` (an ε-network cannot recover x_0 from pure noise).
     """
 
@@ -74,7 +74,7 @@ class TrainConfig(Config):
 
     ``steps`` is the total number of optimiser steps of the run; ``batch_size`` the *global* batch
     (split over processes under torchrun). The learning rate rises linearly over ``warmup_steps``,
-    then stays constant or follows a cosine to 0. EMA (eq. eq-ema) starts at ``ema_start``; with
+    then stays constant or follows a cosine to 0. EMA (eq. :eq:`eq-ema`) starts at ``ema_start``; with
     ``ema_warmup`` its decay is min(d, (1+n)/(10+n)) after n updates. ``precision``: "auto"
     (bf16 autocast on CUDA — fp16 with a GradScaler where the GPU lacks bf16 — and fp32 on CPU),
     "fp32", "bf16" (CPU too) or "fp16" (CUDA). ``accum_steps`` splits each batch into that many

@@ -1,12 +1,12 @@
 """The continuous-time objectives: flow matching and EDM, trained by the one Trainer.
 
 - :class:`FlowMatchingObjective`: rectified flow (Liu et al. 2023; Esser et al. 2024). Draw t from a
-  uniform or logit-normal law, x_t = (1 - t) x_0 + t ε (eq-flow-path), regress v_θ(x_t, t) on
-  ε - x_0 (eq-flow-target). The network sees ``time_scale · t`` (t ∈ [0, 1] becomes a step in
+  uniform or logit-normal law, x_t = (1 - t) x_0 + t ε :eq:`eq-flow-path`, regress v_θ(x_t, t) on
+  ε - x_0 :eq:`eq-flow-target`. The network sees ``time_scale · t`` (t ∈ [0, 1] becomes a step in
   [0, 1000], the range its sinusoidal embedding is built for); :func:`flow_velocity_model` does the
   same at sampling time.
 - :class:`EDMObjective`: Karras et al. (2022). Draw ln σ ~ N(P_mean, P_std²), x = x_0 + σ n, and
-  minimise λ(σ) ‖D_θ(x; σ) - x_0‖² with the preconditioned denoiser of eq. (eq-edm-precond). For
+  minimise λ(σ) ‖D_θ(x; σ) - x_0‖² with the preconditioned denoiser of eq. :eq:`eq-edm-precond`. For
   c_noise we feed the network the schedule's fractional step t(σ) (:meth:`NoiseSchedule.t_from_sigma`):
   like EDM's ¼ ln σ it is monotone in ln σ, and it is the input our UNet's embedding is built for, so
   the trained network is an ordinary VP model under :func:`edm_eps_model` and runs with every sampler.
@@ -54,7 +54,7 @@ class _Conditional(Objective):
 
 
 class FlowMatchingObjective(_Conditional):
-    """E ‖v_θ(x_t, t) - (ε - x_0)‖² with t ~ ``time_distribution``, eq. (eq-flow-target)."""
+    """E ‖v_θ(x_t, t) - (ε - x_0)‖² with t ~ ``time_distribution``, eq. :eq:`eq-flow-target`."""
 
     name = "flow"
 
@@ -82,7 +82,7 @@ class FlowMatchingObjective(_Conditional):
 
 
 class EDMObjective(_Conditional):
-    """E λ(σ) ‖D_θ(x_0 + σ n; σ) - x_0‖², ln σ ~ N(p_mean, p_std²), eq. (eq-edm-precond).
+    """E λ(σ) ‖D_θ(x_0 + σ n; σ) - x_0‖², ln σ ~ N(p_mean, p_std²), eq. :eq:`eq-edm-precond`.
 
     σ is clipped to the schedule's range [σ_1, σ_T] (about 0.01 to 157 for the linear schedule), which
     holds all but ~1e-4 of EDM's log-normal draws.

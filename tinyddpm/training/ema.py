@@ -1,6 +1,6 @@
 """Exponential moving average of a network's weights (book chapter 5).
 
-θ̄ ← d·θ̄ + (1 − d)·θ after every optimiser step, eq. (eq-ema). Sampling from θ̄ instead of θ
+θ̄ ← d·θ̄ + (1 − d)·θ after every optimiser step, eq. :eq:`eq-ema`. Sampling from θ̄ instead of θ
 averages out the last steps' gradient noise; it is what DDPM (d = 0.9999) and most diffusion code
 sample from.
 """
@@ -18,9 +18,9 @@ from ..checks import check_int
 class EMA:
     """Keeps ``self.model``, a frozen copy of ``model`` whose weights are the running average.
 
-    ``decay`` is d in eq. (eq-ema). With ``warmup=True`` the decay used at the n-th update is
-    min(d, (1 + n) / (10 + n)), so early averages are not dominated by the random initialisation.
-    Updates before ``start`` (counted in calls to :meth:`update`) copy the weights instead.
+    ``decay`` is d in eq. :eq:`eq-ema` (unrolled: :eq:`eq-ema-unrolled`). With ``warmup=True`` the
+    decay used at the n-th update is min(d, (1 + n) / (10 + n)), so early averages are not dominated by
+    the random initialisation. Updates before ``start`` (counted in calls to :meth:`update`) copy the weights instead.
     Buffers (e.g. normalisation statistics) are copied, not averaged.
     """
 
@@ -46,7 +46,7 @@ class EMA:
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
-        """θ̄ ← d·θ̄ + (1 − d)·θ, eq. (eq-ema)."""
+        """θ̄ ← d·θ̄ + (1 − d)·θ, eq. :eq:`eq-ema`."""
         d = self.current_decay()
         ema_params = list(self.model.parameters())
         params = list(model.parameters())

@@ -1,8 +1,8 @@
 """The training objective: draw t and ε, noise x_0 into x_t, regress the network on its target.
 
-L_simple = E_{t, x_0, ε} ‖ε - ε_θ(√ᾱ_t x_0 + √(1-ᾱ_t) ε, t)‖², eq. (eq-loss-simple) (Ho et al. 2020),
-with t uniform on {1..T}. The network may instead predict x_0 or v (eq-v); the optional min-SNR-γ
-weighting (Hang et al. 2023), eq. (eq-min-snr), makes every prediction type minimise the same
+L_simple = E_{t, x_0, ε} ‖ε - ε_θ(√ᾱ_t x_0 + √(1-ᾱ_t) ε, t)‖², eq. :eq:`eq-loss-simple` (Ho et al. 2020),
+with t uniform on {1..T}. The network may instead predict x_0 or v :eq:`eq-v`; the optional min-SNR-γ
+weighting (Hang et al. 2023), eq. :eq:`eq-min-snr`, makes every prediction type minimise the same
 weighted x_0-error  min(SNR_t, γ) ‖x̂_0 - x_0‖².
 """
 
@@ -33,7 +33,7 @@ def sample_timesteps(batch: int, T: int, generator: torch.Generator | None = Non
 
 
 def min_snr_weight(schedule: NoiseSchedule, t: Tensor, prediction: Prediction = "eps", gamma: float = 5.0) -> Tensor:
-    """Per-sample min-SNR-γ weight for a loss on ``prediction``, eq. (eq-min-snr); float64, shape of t.
+    """Per-sample min-SNR-γ weight for a loss on ``prediction``, eq. :eq:`eq-min-snr`; float64, shape of t.
 
     Since ‖ε̂-ε‖² = SNR ‖x̂_0-x_0‖² and ‖v̂-v‖² = (SNR+1) ‖x̂_0-x_0‖², the weights
     min(SNR, γ)/SNR (ε), min(SNR, γ) (x_0) and min(SNR, γ)/(SNR+1) (v) all give min(SNR, γ) ‖x̂_0-x_0‖².
@@ -84,7 +84,7 @@ def diffusion_loss(
     weighting: Weighting = "none", min_snr_gamma: float = 5.0, generator: torch.Generator | None = None,
     model_kwargs: Mapping | None = None, reduction: Reduction = "mean",
 ) -> Tensor:
-    """L_simple (eq-loss-simple) on a batch x0: t ~ U{1..T}, ε ~ N(0, I), regress on the target.
+    """L_simple :eq:`eq-loss-simple` on a batch x0: t ~ U{1..T}, ε ~ N(0, I), regress on the target.
 
     Draw order (for replaying a generator): first t = ``sample_timesteps(B, T, generator)``, then
     ε = ``torch.randn(x0.shape, generator=generator)``, both on x0's device. ``model_kwargs`` (e.g.

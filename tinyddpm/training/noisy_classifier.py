@@ -5,7 +5,7 @@ classifier must read *noisy* images and know how noisy they are. :class:`NoisyCl
 CNN that reads t through the UNet's sinusoidal time embedding (:class:`tinyddpm.nets.embeddings.TimeEmbedding`)
 as a per-channel scale and shift of its features, the way the UNet's ResBlocks do.
 :class:`NoisyClassificationObjective` trains it through the one :class:`tinyddpm.Trainer` on
-x_t = √ᾱ_t x_0 + √(1-ᾱ_t) ε (eq-forward-closed) with t ~ U{1..T}: the cross-entropy of the clean
+x_t = √ᾱ_t x_0 + √(1-ᾱ_t) ε :eq:`eq-forward-closed` with t ~ U{1..T}: the cross-entropy of the clean
 image's label. :func:`classifier_grad_fn` turns a trained classifier into the ``grad_fn`` that
 :func:`tinyddpm.classifier_guidance` takes, by autograd.
 
@@ -99,7 +99,7 @@ def _batch_t(t: Any, x: Tensor) -> Tensor:
 
 
 class NoisyClassificationObjective(Objective):
-    """Cross-entropy of the label of x_0 from x_t = √ᾱ_t x_0 + √(1-ᾱ_t) ε (eq-forward-closed), t ~ U{1..T}.
+    """Cross-entropy of the label of x_0 from x_t = √ᾱ_t x_0 + √(1-ᾱ_t) ε :eq:`eq-forward-closed`, t ~ U{1..T}.
 
     Draw order per step (replayable): indices and t from the CPU generator, then ε from the device
     generator, as :class:`~tinyddpm.training.objectives.DiffusionObjective` draws them. The model is

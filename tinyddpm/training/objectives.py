@@ -11,8 +11,8 @@ micro-batches without changing which random numbers are drawn:
 2. ``loss(net, batch)``: the mean loss over a slice of that dict (this process's rows, or one
    micro-batch of them), computed through ``net`` (the possibly DDP-wrapped model).
 
-Objectives here: :class:`DiffusionObjective` (eq. eq-loss-simple, min-SNR, label dropout — the
-default), :class:`ELBOObjective` (a VAE's negative β-ELBO, eq. eq-vae-elbo) and
+Objectives here: :class:`DiffusionObjective` (eq. :eq:`eq-loss-simple`, min-SNR, label dropout — the
+default), :class:`ELBOObjective` (a VAE's negative β-ELBO, eq. :eq:`eq-vae-elbo`) and
 :class:`ClassificationObjective` (cross-entropy, with optional outlier exposure). The text-to-image
 objective lives in :mod:`tinyddpm.text2img`.
 """
@@ -111,7 +111,7 @@ class Objective:
 
 
 class DiffusionObjective(Objective):
-    """L_simple, eq. (eq-loss-simple), optionally min-SNR weighted (eq-min-snr), with label dropout.
+    """L_simple, eq. :eq:`eq-loss-simple`, optionally min-SNR weighted :eq:`eq-min-snr`, with label dropout.
 
     Draw order per step (replayable): indices, t ~ U{1..T}, the label-dropout mask (conditional
     models) from the CPU generator, then ε from the device generator. The weighting, γ and the
@@ -182,7 +182,7 @@ class _Reparameterised(nn.Module):
 
 
 class ELBOObjective(Objective):
-    """A VAE's negative β-ELBO, eq. (eq-vae-elbo): ‖x − D(μ + σ ε)‖² + β KL(q(z|x) ‖ N(0, I)) per image,
+    """A VAE's negative β-ELBO, eq. :eq:`eq-vae-elbo`: ‖x − D(μ + σ ε)‖² + β KL(q(z|x) ‖ N(0, I)) per image,
     averaged over the batch — the quantity :meth:`tinyddpm.nets.vae.VAE.loss` returns first.
 
     The model is a :class:`tinyddpm.nets.vae.VAE`; ε for the whole global batch is drawn from the

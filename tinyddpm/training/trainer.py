@@ -1,9 +1,9 @@
 """The training loop (book chapter 5): one Trainer for every model, on CPU, one GPU or many under torchrun.
 
 Each step draws a batch, computes the loss of an *objective* (:mod:`tinyddpm.training.objectives`;
-by default eq. (eq-loss-simple), optionally min-SNR weighted, eq. eq-min-snr) and descends it with
+by default eq. :eq:`eq-loss-simple`, optionally min-SNR weighted, eq. :eq:`eq-min-snr`) and descends it with
 AdamW, linear warm-up (then constant or cosine), gradient clipping and an EMA of the weights
-(eq. eq-ema). The VAE, the text-to-image pipeline and the metrics classifier train through the same
+(eq. :eq:`eq-ema`). The VAE, the text-to-image pipeline and the metrics classifier train through the same
 loop with their own objectives, so all of them get checkpoints, exact resume, the NaN stop, the
 progress bar, DDP and gradient accumulation.
 
