@@ -9,7 +9,8 @@ A run directory looks like::
             ema.safetensors    # EMA weights θ̄, eq. :eq:`eq-ema`
             config.json        # model kind + config, schedule, diffusion/train configs,
                                # data info, step
-            state.pt           # optimiser, EMA counters, RNG states (torch.load(weights_only=True))
+            state.pt           # optimiser, EMA counters, RNG states
+                               # (read with torch.load(weights_only=True))
 
 A step directory is first written under a hidden temporary name in the same parent, every file
 fsync'ed, then renamed into place; ``latest`` is replaced the same way (both through
