@@ -119,7 +119,8 @@ class NoiseSchedule:
 
     @classmethod
     def sigmoid(cls, T: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> NoiseSchedule:
-        """β_t = β_start + (β_end - β_start)·σ(u_t), u_t linear on [-6, 6] (GeoDiff, Xu et al. 2022)."""
+        """β_t = β_start + (β_end - β_start)·σ(u_t), u_t linear on [-6, 6] (GeoDiff, Xu et al. 2022),
+        eq. :eq:`eq-schedule-sigmoid`."""
         T = check_int("T", T, low=1)
         u = torch.linspace(-6.0, 6.0, T, dtype=F64)
         return cls.from_betas(beta_start + (beta_end - beta_start) * torch.sigmoid(u), name="sigmoid")

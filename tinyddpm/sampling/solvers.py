@@ -122,8 +122,9 @@ def dpmpp_2m_sample(
 ) -> Tensor:
     """DPM-Solver++(2M): second-order multistep in λ = ½ log(ᾱ/(1-ᾱ)), data-prediction form, eq. :eq:`eq-dpmpp-2m`.
 
-    The probability-flow ODE in x̂_0 form has the exact solution (eq. 9 of :cite:t:`lu2022dpmsolverpp`),
-    writing a_t := √ᾱ_t and s_t := √(1-ᾱ_t) for the signal and noise scales only here,
+    The probability-flow ODE in x̂_0 form has the exact solution :eq:`eq-exp-integrator` (eq. 9 of
+    :cite:t:`lu2022dpmsolverpp`), writing a_t := √ᾱ_t and s_t := √(1-ᾱ_t) for the signal and noise
+    scales only here,
     x_{t'} = (s_{t'}/s_t) x_t + s_{t'} ∫_{λ_t}^{λ_{t'}} e^λ x̂_0(λ) dλ. Taking x̂_0 constant over the
     step gives the first-order update (DDIM); taking it linear in λ through the current and the
     previous evaluations gives, with h = λ_prev - λ_t and r = h_last / h (Algorithm 2),
