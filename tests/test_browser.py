@@ -45,6 +45,8 @@ PAGES = {
     "bad_image.html": ("", '<img src="missing.png" alt="gone">'),
     "bad_link.html": ("", '<a href="nowhere.html">a missing page</a> <a href="other.html#nosuch">a missing anchor</a>'),
     "wide_pre.html": ("", '<pre style="width: 300px; overflow-x: auto">' + "y = 0  # " + "z" * 200 + "</pre>"),
+    "wide_math.html": (_MATHJAX, '<div style="width: 300px"><div class="math notranslate nohighlight">\\[ '
+                       + " + ".join(f"a_{{{k}}} x^{{{k}}}" for k in range(40)) + " \\]</div></div>"),
     "console.html": ("<script>console.error('planted error')</script>", "<p>text</p>"),
     "network.html": ('<script src="https://cdn.example.org/lib/index.js"></script>', "<p>text</p>"),
 }
@@ -111,6 +113,12 @@ def test_broken_links_fail(report) -> None:
 def test_horizontal_scroll_fails(report) -> None:
     found = [p for p in report.problems if p.page == "wide_pre.html"]
     assert [p.kind for p in found] == ["scroll"] and "209 chars" in found[0].detail
+
+
+def test_wide_display_equation_fails(report) -> None:
+    found = [p for p in report.problems if p.page == "wide_math.html"]
+    assert [p.kind for p in found] == ["scroll"] and "display equation" in found[0].detail
+    assert "a_{0} x^{0}" in found[0].detail  # names the equation by its TeX
 
 
 def test_console_error_and_network_use_fail(report) -> None:

@@ -1,5 +1,6 @@
 """Every chapter meets the book's style (issue 13): no committed outputs, code that fits the page,
-math in LaTeX rather than Unicode in the prose, exercises at the end with checked solutions.
+math in LaTeX rather than Unicode in the prose, sections numbered by chapter, exercises at the end
+with checked solutions.
 
 These read the notebook files only; executing them is nbval's job (CI runs every chapter).
 """
@@ -60,6 +61,22 @@ def test_math_in_prose_is_latex(nb: Path):
                 if UNICODE_MATH.search(line):
                     found.append(f"cell {i}: {line.strip()[:100]}")
     assert not found, f"{nb.name}: Unicode math in prose (write it in $...$):\n" + "\n".join(found[:20])
+
+
+@pytest.mark.parametrize("nb", NOTEBOOKS, ids=lambda p: p.stem)
+def test_sections_are_numbered_by_chapter(nb: Path):
+    """"# 4. Title" heads the chapter; its sections are "## 4.1 ...", "## 4.2 ...", in order, except
+    the closing "## Summary" and "## Exercises" (a reader can find "section 4.2" by its number)."""
+    text = "\n".join(source(c) for c in cells(nb) if c["cell_type"] == "markdown")
+    text = re.sub(r"```.*?```", "", text, flags=re.DOTALL)  # headings inside code fences are not ours
+    title = re.search(r"^# (\d+|[A-Z])\. ", text, flags=re.MULTILINE)
+    assert title, f"{nb.name}: no numbered title '# N. ...'"
+    chapter = title.group(1)
+    sections = [h for h in re.findall(r"^## (.+)$", text, flags=re.MULTILINE)
+                if h.strip() not in ("Summary", "Exercises")]
+    expected = [f"{chapter}.{k}" for k in range(1, len(sections) + 1)]
+    found = [h.split(" ", 1)[0] for h in sections]
+    assert found == expected, f"{nb.name}: section numbers {found}, expected {expected}"
 
 
 @pytest.mark.parametrize("nb", NOTEBOOKS, ids=lambda p: p.stem)

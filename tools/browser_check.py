@@ -13,7 +13,8 @@ as a console error. Each page is checked for
   ``_modules/`` source pages into ``api.html`` are not checked: viewcode names an object by its defining
   module, the API page by where ``tinyddpm`` re-exports it),
 * ``scroll``: a code block that scrolls horizontally (``scrollWidth > clientWidth`` on a ``pre``;
-  pages under ``_modules/``, the highlighted package sources, are exempt),
+  pages under ``_modules/``, the highlighted package sources, are exempt), or a display equation
+  wider than the text column (it scrolls, or is clipped, sideways),
 * ``console``: a SEVERE entry in the browser console (a failed request, a script error).
 
 All problems are listed; the exit status is 1 if any kind not in ``--warn`` occurred. Screenshots of
@@ -154,7 +155,7 @@ const checkScroll = arguments[0];
 const sleep = ms => new Promise(r => setTimeout(r, ms));
 (async () => {
   const out = {mathjax: null, mathjaxVersion: null, unrendered: [], merrors: 0, raw: [], images: [],
-               scroll: [], ids: []};
+               scroll: [], wide: [], ids: []};
   const hasScript = [...document.scripts].some(s => /mathjax/i.test(s.src || ''));
   if (hasScript) {
     // MathJax is a deferred script: it has run by the load event, so a short grace period is enough.
@@ -199,6 +200,21 @@ const sleep = ms => new Promise(r => setTimeout(r, ms));
                     : (pre.closest('.cell_input') ? 'code cell' : 'code block');
         out.scroll.push({index: k, where: where, scrollWidth: pre.scrollWidth, clientWidth: pre.clientWidth,
                          chars: longest.length, line: longest.trim().slice(0, 100)});
+      }
+    });
+    // A display equation wider than the text column: its box scrolls (or is clipped) sideways.
+    const texOf = box => {
+      try { return MathJax.startup.document.getMathItemsWithin(box)[0].math.trim().slice(0, 70); }
+      catch (e) { return ''; }
+    };
+    document.querySelectorAll('div.math').forEach((box, k) => {
+      const eq = box.querySelector('mjx-container');
+      if (!eq || box.clientWidth === 0) return;
+      // the equation's own box (beside its number) or the whole display may be the one that overflows
+      const over = [eq, box].find(e => e.scrollWidth > e.clientWidth + 1);
+      if (over) {
+        out.wide.push({index: k, scrollWidth: over.scrollWidth, clientWidth: over.clientWidth,
+                       tex: texOf(box) || box.id || ''});
       }
     });
   }
@@ -325,6 +341,9 @@ def check_site(root: str | Path, *, pages: list[str] | None = None, screenshots:
             found += [Problem(page, "scroll", f"{s['where']} #{s['index']} scrolls ({s['scrollWidth']} > "
                                               f"{s['clientWidth']} px; longest line {s['chars']} chars: "
                                               f"{s['line']!r})") for s in m.get("scroll", [])]
+            found += [Problem(page, "scroll", f"display equation #{w['index']} {w['tex']!r} is wider than the "
+                                              f"column ({w['scrollWidth']} > {w['clientWidth']} px)")
+                      for w in m.get("wide", [])]
             hrefs = driver.execute_script("return [...document.querySelectorAll('a[href]')].map(a => a.href)")
             if page.startswith("_modules/"):  # viewcode's [docs] links name objects by the module that
                 # defines them; the API page documents many under tinyddpm.* instead, so they miss
