@@ -1,15 +1,15 @@
 """Faster samplers as ODE/SDE solvers (book chapter 10); the registry is :mod:`tinyddpm.sampling.registry`.
 
 Notation as in the book: α_t = 1 - β_t and ᾱ_t = ∏_{s≤t} α_s (chapters 2-7), so
-x_t = √ᾱ_t x_0 + √(1-ᾱ_t) ε. Karras et al. (2022) :cite:p:`karras2022edm` divide by √ᾱ_t: with
+x_t = √ᾱ_t x_0 + √(1-ᾱ_t) ε. :cite:t:`karras2022edm` divide by √ᾱ_t: with
 x̄ := x_t / √ᾱ_t and σ̃_t := √((1-ᾱ_t)/ᾱ_t) the forward process is x̄ = x_0 + σ̃ ε (a pure
-"variance exploding" noise level), and the probability-flow ODE of Song et al. (2021)
-:cite:p:`song2021sde` becomes, eq. :eq:`eq-prob-flow-ode`,
+"variance exploding" noise level), and the probability-flow ODE of :cite:t:`song2021sde`
+becomes, eq. :eq:`eq-prob-flow-ode`,
 
     dx̄/dσ̃ = ε̂(√ᾱ_t x̄, t(σ̃)) = (x̄ - x̂_0) / σ̃        (Karras et al. 2022, eq. 4 with s = 1).
 
 DDIM with η = 0 is exactly Euler's method on this ODE: x̄_prev = x̄_t + (σ̃_prev - σ̃_t) ε̂ is
-DDIM's eq. 12 divided by √ᾱ_prev (Song et al. 2021, DDIM :cite:p:`song2021ddim`, eqs. 13-15). The
+DDIM's eq. 12 divided by √ᾱ_prev (eqs. 13-15 of :cite:t:`song2021ddim`). The
 samplers here use the same timestep grids as DDIM (:func:`tinyddpm.ddim_timesteps`): each step lands
 on the next selected t, and the last goes to t = 0 (ᾱ = 1, σ̃ = 0), returning the denoised x̂_0.
 Every sampler takes ``model(x_t, t) -> prediction`` with t a (B,) LongTensor, like
